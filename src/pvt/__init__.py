@@ -1,0 +1,34 @@
+"""pvt-vision: the Pyramid Vision Transformer (v1 and v2) as a backbone for dense prediction."""
+
+from pvt.checkpoint import CheckpointError, LoadReport, load_checkpoint, save_safetensors
+from pvt.complexity import Complexity, complexity
+from pvt.models import (
+    FeatureInfo,
+    ModelCard,
+    PyramidBackbone,
+    PyramidVisionTransformer,
+    PyramidVisionTransformerV2,
+    create_model,
+    list_models,
+    model_card,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CheckpointError",
+    "Complexity",
+    "FeatureInfo",
+    "LoadReport",
+    "ModelCard",
+    "PyramidBackbone",
+    "PyramidVisionTransformer",
+    "PyramidVisionTransformerV2",
+    "__version__",
+    "complexity",
+    "create_model",
+    "list_models",
+    "load_checkpoint",
+    "model_card",
+    "save_safetensors",
+]

@@ -1,0 +1,69 @@
+"""Reading checkpoint files safely and writing this project's safetensors atomically."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from pvt.checkpoint.layouts import CheckpointError, StateDict, unwrap
+
+FORMAT_NAME = "pvt-vision"
+FORMAT_VERSION = "1"
+TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".tar")
+
+
+def read_checkpoint(path: str | os.PathLike[str]) -> tuple[StateDict, dict[str, str]]:
+    """Load a ``.safetensors`` or torch file (``weights_only=True``) -> (state dict, metadata)."""
+    p = Path(path)
+    if not p.is_file():
+        raise CheckpointError(f"{p}: checkpoint file not found")
+    if p.suffix == ".safetensors":
+        try:
+            with safe_open(str(p), framework="pt", device="cpu") as f:
+                meta = dict(f.metadata() or {})
+                sd = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no iter)
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"{p}: not a readable safetensors file ({e}); re-export it") from e
+        return sd, meta
+    try:
+        obj = torch.load(p, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"{p}: could not be read as a PyTorch checkpoint with weights_only=True ({first}). "
+            "If the file is truncated, download it again; if it is trusted but pickles Python "
+            "objects, re-save just its state dict: torch.save(model.state_dict(), path)"
+        ) from e
+    return unwrap(obj, str(p)), {}
+
+
+def atomic_write(path: str | os.PathLike[str], write: Callable[[str], object]) -> None:
+    """Call ``write(tmp_path)``, fsync, then rename over ``path``: readers never see a partial file."""
+    dst = Path(path)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, dst)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_safetensors(sd: StateDict, path: str | os.PathLike[str], *, arch: str | None = None) -> None:
+    """Write ``sd`` (official names) as this project's safetensors, atomically."""
+    meta = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION}
+    if arch:
+        meta["arch"] = arch
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in sd.items()}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
