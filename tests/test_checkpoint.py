@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import perturb_
 from torch import Tensor
 
 import pvt
+from conftest import perturb_
 from pvt.checkpoint import CheckpointError, detect_layout, infer_arch, load_checkpoint
 from pvt.cli import main as cli_main
 
@@ -162,7 +162,13 @@ def test_head_of_other_class_count_is_dropped(v2_cls: pvt.PyramidBackbone) -> No
 
 def test_features_only_v1_drops_classifier_tensors(v1_cls: pvt.PyramidBackbone) -> None:
     model = pvt.create_model("pvt_tiny", features_only=True, checkpoint=v1_cls.state_dict())
-    assert set(model.load_report.dropped) == {"cls_token", "norm.weight", "norm.bias", "head.weight", "head.bias"}
+    assert set(model.load_report.dropped) == {
+        "cls_token",
+        "norm.weight",
+        "norm.bias",
+        "head.weight",
+        "head.bias",
+    }
     with torch.no_grad():
         x = torch.randn(1, 3, 64, 64)
         feats = model(x)
@@ -232,7 +238,7 @@ class Pickled:
 def test_pickled_objects_are_refused(tmp_path: Path) -> None:
     path = tmp_path / "obj.pth"
     torch.save({"model": pvt.create_model("pvt_v2_b0").state_dict(), "args": Pickled()}, path)
-    with pytest.raises(CheckpointError, match="weights_only=True.*re-save just its state dict"):
+    with pytest.raises(CheckpointError, match=r"weights_only=True.*re-save just its state dict"):
         pvt.create_model("pvt_v2_b0", checkpoint=path)
 
 

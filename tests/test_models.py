@@ -30,7 +30,7 @@ GMACS = {
 
 
 def test_registry_lists_every_published_variant() -> None:
-    assert ALL == list(PARAMS_M)
+    assert list(PARAMS_M) == ALL
     assert pvt.list_models("pvt_v2_b2*") == ["pvt_v2_b2", "pvt_v2_b2_li"]
     with pytest.raises(ValueError, match="unknown model 'pvt_v3'"):
         pvt.create_model("pvt_v3")

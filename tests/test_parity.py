@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import perturb_
 
 import pvt
+from conftest import perturb_
 from pvt.checkpoint import detect_layout
 from pvt.models.layers import Attention, PatchEmbed
 

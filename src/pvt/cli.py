@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from pvt.checkpoint import CheckpointError, infer_arch, load_checkpoint, read_state_dict, save_safetensors
 from pvt.complexity import complexity
@@ -35,9 +36,9 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         )
     # Build the matching model and load strictly, so the written file is known to load.
     head = sd.get("head.weight")
-    kwargs: dict[str, object] = {}
+    kwargs: dict[str, Any] = {}
     if "pos_embed1" in sd:  # v1: keep the checkpoint's own training resolution
-        kwargs["img_size"] = 4 * int(round(sd["pos_embed1"].shape[1] ** 0.5))
+        kwargs["img_size"] = 4 * round(sd["pos_embed1"].shape[1] ** 0.5)
     model = create_model(
         arch,
         num_classes=0 if head is None else head.shape[0],

@@ -131,8 +131,9 @@ class Source:
 
 def read_state_dict(source: str | os.PathLike[str] | Mapping[str, object]) -> Source:
     """Any supported source -> its official-layout state dict, layout name and description."""
+    meta: dict[str, str] = {}
     if isinstance(source, Mapping):
-        sd, meta, name = unwrap(source), {}, "state dict"
+        sd, name = unwrap(source), "state dict"
     else:
         sd, meta = read_checkpoint(source)
         name = str(source)

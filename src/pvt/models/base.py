@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
@@ -46,6 +45,7 @@ class PyramidBackbone(nn.Module):
     num_stages = 4
     arch: str | None = None  # registered name, set by create_model
     load_report: object | None = None  # pvt.checkpoint.LoadReport of the weights it was built with
+    head: nn.Module
 
     def __init__(
         self,
@@ -75,9 +75,7 @@ class PyramidBackbone(nn.Module):
         self.frozen_stages = 0
         self.drop_rate = drop_rate
         self.head_drop = nn.Dropout(drop_rate)
-        all_stages = [
-            FeatureStage(c, 4 * 2**i, f"block{i + 1}", i) for i, c in enumerate(self.embed_dims)
-        ]
+        all_stages = [FeatureStage(c, 4 * 2**i, f"block{i + 1}", i) for i, c in enumerate(self.embed_dims)]
         self.feature_info = FeatureInfo(
             f for f in all_stages if not features_only or f.index in self.out_indices
         )
@@ -104,7 +102,7 @@ class PyramidBackbone(nn.Module):
 
     def _blocks(self, blocks: nn.ModuleList, x: Tensor, hw: tuple[int, int]) -> Tensor:
         for blk in blocks:
-            if self.grad_checkpointing and self.training and not torch.jit.is_scripting():
+            if self.grad_checkpointing and self.training:
                 x = checkpoint(blk, x, hw, use_reentrant=False)
             else:
                 x = blk(x, hw)

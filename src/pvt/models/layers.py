@@ -21,7 +21,7 @@ EMBED_NORM_EPS = 1e-5
 
 def tokens_to_image(x: Tensor, hw: tuple[int, int]) -> Tensor:
     """``[B, H*W, C]`` -> ``[B, C, H, W]``."""
-    b, n, c = x.shape
+    b, _, c = x.shape
     h, w = hw
     return x.transpose(1, 2).reshape(b, c, h, w)
 
@@ -51,9 +51,7 @@ class PatchEmbed(nn.Module):
     (kernel 7 stride 4 for stage 1, kernel 3 stride 2 after, padding kernel // 2).
     """
 
-    def __init__(
-        self, in_chans: int, embed_dim: int, patch_size: int, stride: int, padding: int = 0
-    ) -> None:
+    def __init__(self, in_chans: int, embed_dim: int, patch_size: int, stride: int, padding: int = 0) -> None:
         super().__init__()
         self.patch_size = patch_size
         self.stride = stride

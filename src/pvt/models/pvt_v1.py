@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pvt.models.base import PyramidBackbone
-from pvt.models.registry import ModelCard, register_model
 from pvt.models.layers import BLOCK_NORM_EPS, Block, PatchEmbed, drop_path_rates, init_linear_and_norm
+from pvt.models.registry import ModelCard, register_model
 
 
 def resize_pos_embed(pos: Tensor, src_grid: tuple[int, int], dst_grid: tuple[int, int]) -> Tensor:
@@ -100,9 +100,7 @@ class PyramidVisionTransformer(PyramidBackbone):
         if not features_only:
             self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dims[-1]))
             self.norm = nn.LayerNorm(embed_dims[-1], eps=BLOCK_NORM_EPS)
-            self.head: nn.Module = (
-                nn.Linear(embed_dims[-1], num_classes) if num_classes > 0 else nn.Identity()
-            )
+            self.head = nn.Linear(embed_dims[-1], num_classes) if num_classes > 0 else nn.Identity()
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -143,8 +141,9 @@ class PyramidVisionTransformer(PyramidBackbone):
         x, hw = self._embed(i, x)
         b = x.shape[0]
         x = torch.cat((self.cls_token.expand(b, -1, -1), x), dim=1)  # [B, 1 + h*w, C]
-        pos = torch.cat((self.pos_embed4[:, :1], self._pos(i, hw)), dim=1)
-        x = self.pos_drop4(x + pos)
+        table = getattr(self, "pos_embed4")  # noqa: B009 (registered by name in __init__)
+        pos = torch.cat((table[:, :1], self._pos(i, hw)), dim=1)
+        x = getattr(self, "pos_drop4")(x + pos)  # noqa: B009
         x = self._blocks(self._stage_blocks(i), x, hw)
         fmap = x[:, 1:].transpose(1, 2).reshape(b, -1, hw[0], hw[1])
         return self.norm(x), fmap

@@ -11,7 +11,6 @@ from functools import partial
 from torch import Tensor, nn
 
 from pvt.models.base import PyramidBackbone
-from pvt.models.registry import ModelCard, register_model
 from pvt.models.layers import (
     BLOCK_NORM_EPS,
     Block,
@@ -20,6 +19,7 @@ from pvt.models.layers import (
     init_conv_fan_out,
     init_linear_and_norm,
 )
+from pvt.models.registry import ModelCard, register_model
 
 
 class PyramidVisionTransformerV2(PyramidBackbone):
@@ -84,9 +84,7 @@ class PyramidVisionTransformerV2(PyramidBackbone):
             setattr(self, f"norm{i + 1}", nn.LayerNorm(dim, eps=BLOCK_NORM_EPS))
             prev = dim
         if not features_only:
-            self.head: nn.Module = (
-                nn.Linear(embed_dims[-1], num_classes) if num_classes > 0 else nn.Identity()
-            )
+            self.head = nn.Linear(embed_dims[-1], num_classes) if num_classes > 0 else nn.Identity()
         self.apply(init_linear_and_norm)
         self.apply(init_conv_fan_out)
 
