@@ -176,6 +176,19 @@ def test_features_only_v1_drops_classifier_tensors(v1_cls: pvt.PyramidBackbone) 
     _assert_same(feats[:3], ref)
 
 
+def test_unbuilt_stages_are_dropped(v2_cls: pvt.PyramidBackbone) -> None:
+    model = pvt.create_model(
+        "pvt_v2_b0", features_only=True, out_indices=(0, 1), checkpoint=v2_cls.state_dict()
+    )
+    dropped = model.load_report.dropped
+    assert "block3.0.attn.q.weight" in dropped and "norm4.weight" in dropped
+    assert "stage 3 is not built" in dropped["patch_embed3.proj.weight"]
+    with torch.no_grad():
+        x = torch.randn(1, 3, 64, 64)
+        ref = v2_cls.forward_intermediates(x, indices=[0, 1], intermediates_only=True)
+    _assert_same(model(x), ref)
+
+
 def test_backbone_checkpoint_into_classifier() -> None:
     dense = perturb_(pvt.create_model("pvt_v2_b0", features_only=True))
     model = pvt.create_model("pvt_v2_b0", num_classes=5, checkpoint=dense.state_dict())

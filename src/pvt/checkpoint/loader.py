@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -31,6 +32,7 @@ from pvt.models.registry import list_models, model_builder
 MIN_BACKBONE_COVERAGE = 0.9
 # Keys a dense (features-only) model does not have and a classification checkpoint does.
 _CLASSIFIER_ONLY = ("head.", "cls_token", "norm.weight", "norm.bias")
+_STAGE_KEY = re.compile(r"^(?:patch_embed|block|norm|pos_embed)(\d)\b")
 
 
 @dataclass
@@ -164,6 +166,12 @@ def load_checkpoint(
     report = LoadReport(src.name, src.layout, arch=infer_arch(sd), ignored=src.ignored)
     target = model.state_dict()
 
+    built = getattr(model, "num_built", None)
+    for k in list(sd):
+        m = _STAGE_KEY.match(k)
+        if built is not None and m is not None and int(m.group(1)) > built and k not in target:
+            report.dropped[k] = f"stage {m.group(1)} is not built (features_only, out_indices < {built})"
+            del sd[k]
     for k in list(sd):
         if k not in target and k.startswith(_CLASSIFIER_ONLY) and not _has_classifier(target, k):
             report.dropped[k] = "classification-only tensor; the model has no classifier"

@@ -69,6 +69,9 @@ class PyramidBackbone(nn.Module):
         self.depths = tuple(depths)
         self.features_only = features_only
         self.out_indices = tuple(sorted(set(out_indices)))
+        # A features-only model builds no stage after the last one it returns (as timm does), so
+        # every parameter it has gets a gradient (DDP needs no find_unused_parameters).
+        self.num_built = max(self.out_indices) + 1 if features_only else self.num_stages
         self.num_classes = 0 if features_only else num_classes
         self.num_features = self.head_hidden_size = self.embed_dims[-1]
         self.grad_checkpointing = False
@@ -166,15 +169,15 @@ class PyramidBackbone(nn.Module):
         if output_fmt not in ("NCHW", "NHWC"):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
         if indices is None:
-            take = list(range(self.num_stages))
+            take = list(range(self.num_built))
         elif isinstance(indices, int):
-            take = list(range(self.num_stages - indices, self.num_stages))
+            take = list(range(self.num_built - indices, self.num_built))
         else:
             take = sorted(int(i) for i in indices)
-        if any(i < 0 or i >= self.num_stages for i in take):
-            raise ValueError(f"stage indices must lie in 0..{self.num_stages - 1}, got {take}")
+        if not take or any(i < 0 or i >= self.num_built for i in take):
+            raise ValueError(f"stage indices must lie in 0..{self.num_built - 1}, got {take}")
         self._check_input(x)
-        last = max(take) if (stop_early or intermediates_only) else self.num_stages - 1
+        last = max(take) if (stop_early or intermediates_only) else self.num_built - 1
         feats: list[Tensor] = []
         final = x
         for i in range(last + 1):
@@ -247,10 +250,10 @@ class PyramidBackbone(nn.Module):
 
     def freeze_stages(self, num_stages: int) -> None:
         """Freeze the first ``num_stages`` stages: no gradients, and kept in eval mode."""
-        if not 0 <= num_stages <= self.num_stages:
-            raise ValueError(f"num_stages must be in 0..{self.num_stages}, got {num_stages}")
+        if not 0 <= num_stages <= self.num_built:
+            raise ValueError(f"num_stages must be in 0..{self.num_built}, got {num_stages}")
         self.frozen_stages = num_stages
-        for i in range(self.num_stages):
+        for i in range(self.num_built):
             for p in self.stage_parameters(i):
                 p.requires_grad_(i >= num_stages)
         self.train(self.training)
@@ -269,7 +272,7 @@ class PyramidBackbone(nn.Module):
                 m.fused_attn = enable
 
     def blocks(self) -> Iterator[Block]:
-        for i in range(self.num_stages):
+        for i in range(self.num_built):
             for blk in self._stage_blocks(i):
                 assert isinstance(blk, Block)
                 yield blk

@@ -70,7 +70,7 @@ class PyramidVisionTransformer(PyramidBackbone):
         self.pos_grids: list[tuple[int, int]] = []
         dpr = drop_path_rates(drop_path_rate, tuple(depths))
         prev = in_chans
-        for i in range(self.num_stages):
+        for i in range(self.num_built):
             patch = 4 if i == 0 else 2
             grid = img_size // (4 * 2**i)
             self.pos_grids.append((grid, grid))
@@ -105,7 +105,7 @@ class PyramidVisionTransformer(PyramidBackbone):
 
     def _init_weights(self) -> None:
         # Official v1 init: convs keep PyTorch's default; linears, norms, tables as below.
-        for i in range(self.num_stages):
+        for i in range(self.num_built):
             nn.init.trunc_normal_(getattr(self, f"pos_embed{i + 1}"), std=0.02)
         if not self.features_only:
             nn.init.trunc_normal_(self.cls_token, std=0.02)
@@ -113,7 +113,7 @@ class PyramidVisionTransformer(PyramidBackbone):
 
     def stage_grid(self, h: int, w: int) -> list[tuple[int, int]]:
         grids = []
-        for i in range(self.num_stages):
+        for i in range(self.num_built):
             pe = getattr(self, f"patch_embed{i + 1}")
             h, w = pe.output_size(h, w)
             grids.append((h, w))

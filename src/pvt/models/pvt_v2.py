@@ -60,7 +60,7 @@ class PyramidVisionTransformerV2(PyramidBackbone):
         self.linear = linear
         dpr = drop_path_rates(drop_path_rate, tuple(depths))
         prev = in_chans
-        for i in range(self.num_stages):
+        for i in range(self.num_built):
             k, s = (7, 4) if i == 0 else (3, 2)
             dim = embed_dims[i]
             setattr(self, f"patch_embed{i + 1}", PatchEmbed(prev, dim, k, s, padding=k // 2))
@@ -90,7 +90,7 @@ class PyramidVisionTransformerV2(PyramidBackbone):
 
     def stage_grid(self, h: int, w: int) -> list[tuple[int, int]]:
         grids = []
-        for i in range(self.num_stages):
+        for i in range(self.num_built):
             h, w = getattr(self, f"patch_embed{i + 1}").output_size(h, w)
             grids.append((h, w))
         return grids
