@@ -167,9 +167,10 @@ def load_checkpoint(
     target = model.state_dict()
 
     built = getattr(model, "num_built", None)
+    stages = getattr(model, "num_stages", None)
     for k in list(sd):
         m = _STAGE_KEY.match(k)
-        if built is not None and m is not None and int(m.group(1)) > built and k not in target:
+        if built and stages and m and built < int(m.group(1)) <= stages and k not in target:
             report.dropped[k] = f"stage {m.group(1)} is not built (features_only, out_indices < {built})"
             del sd[k]
     for k in list(sd):
