@@ -1,13 +1,19 @@
-"""The ``pvt`` command line: ``pvt models``, ``pvt flops``, ``pvt convert``."""
+"""The ``pvt`` command line: models, flops, convert, and train / eval / predict / plot for every task."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from pvt.checkpoint import CheckpointError, infer_arch, load_checkpoint, read_state_dict, save_safetensors
+from pvt.checkpoint.io import atomic_write
+from pvt.engine.presets import list_presets
+from pvt.tasks import TASKS
 from pvt.complexity import complexity
 from pvt.models import create_model, list_models
 from pvt.zoo import zoo_table
@@ -53,6 +59,82 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _recipe(args: argparse.Namespace, task_name: str, default_preset: str | None) -> Any:
+    """Preset (or the run's own config.yaml next to --checkpoint) <- shorthand flags <- --set."""
+    from pvt.engine import load_recipe
+    from pvt.engine.presets import load_preset
+    from pvt.tasks import get_task
+
+    task = get_task(task_name)
+    preset_name = args.preset
+    ckpt = getattr(args, "checkpoint", None)
+    if preset_name is None and ckpt and (Path(ckpt).parent / "config.yaml").is_file():
+        preset_name = str(Path(ckpt).parent / "config.yaml")
+    preset = load_preset(task_name, preset_name or default_preset) if (preset_name or default_preset) else {}
+    overrides = list(args.set or [])
+    if getattr(args, "data", None):
+        overrides.append(f"data.root={args.data}")
+    if getattr(args, "model", None):
+        overrides.append(f"model.name={args.model}")
+    if ckpt:
+        overrides.append(f"model.checkpoint={ckpt}")
+    return task, load_recipe(task_name, task.data_config, preset, overrides)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from pvt.engine import Trainer
+    from pvt.engine.plot import plot_run
+    from pvt.engine.state import latest_checkpoint
+
+    run_dir = Path(args.output)
+    if not args.resume and latest_checkpoint(run_dir) is not None:
+        raise ValueError(f"{run_dir} already holds checkpoints: pass --resume to continue, or another --output")
+    task, recipe = _recipe(args, args.task, None if args.preset else "digits")
+    metrics = Trainer(task, recipe, run_dir, resume=args.resume).fit()
+    if int(os.environ.get("RANK", "0")) == 0:
+        png = plot_run(run_dir)
+        shown = ", ".join(f"{k} {metrics[k]:.2f}" for k in task.headline if k in metrics)
+        print(f"done: {shown}; weights {run_dir / 'model.safetensors'}; curves {png}")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from pvt.engine import run_evaluation
+
+    task, recipe = _recipe(args, args.task, None)
+    metrics = run_evaluation(task, recipe)
+    print(json.dumps({k: round(v, 4) for k, v in metrics.items()}, indent=2))
+    if args.out:
+        text = json.dumps(metrics, indent=2) + "\n"
+        atomic_write(args.out, lambda tmp: Path(tmp).write_text(text))
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    task, recipe = _recipe(args, args.task, None)
+    model = task.build_model(recipe).eval()
+    meta = Path(args.checkpoint).parent / "task.json"
+    artifacts = json.loads(meta.read_text()) if meta.is_file() else {}
+    for r in task.predict(model, recipe, args.inputs, artifacts, args.out):
+        print(json.dumps(r))
+    return 0
+
+
+def _cmd_plot(args: argparse.Namespace) -> int:
+    from pvt.engine.plot import plot_run
+
+    print(plot_run(args.run_dir, args.out))
+    return 0
+
+
+def _add_recipe_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("task", choices=TASKS, help="the task")
+    p.add_argument("--preset", help="a shipped preset name (see pvt presets TASK) or a recipe YAML path")
+    p.add_argument("--data", help="dataset root (sets data.root)")
+    p.add_argument("--model", help="model name (sets model.name)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe field, repeatable")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pvt", description="Pyramid Vision Transformer toolkit")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -73,6 +155,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dst", help="output .safetensors path")
     p.add_argument("--arch", choices=list_models(), metavar="NAME", help="default: inferred")
     p.set_defaults(func=_cmd_convert)
+
+    p = sub.add_parser("train", help="train a task (torchrun-aware)")
+    _add_recipe_args(p)
+    p.add_argument("--output", required=True, help="run directory")
+    p.add_argument("--checkpoint", help="start from these weights (sets model.checkpoint; fine-tuning)")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate weights on a task's evaluation split")
+    _add_recipe_args(p)
+    p.add_argument("--checkpoint", required=True, help="weights (a run's model.safetensors or any layout)")
+    p.add_argument("--out", help="also write the metrics to this JSON file")
+    p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("predict", help="predict on image files or folders")
+    _add_recipe_args(p)
+    p.add_argument("--checkpoint", required=True, help="weights; a run's config.yaml beside them is used")
+    p.add_argument("--out", help="folder for the task's output files")
+    p.add_argument("inputs", nargs="+", help="image files or folders")
+    p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser("presets", help="list a task's shipped presets")
+    p.add_argument("task", choices=TASKS)
+    p.set_defaults(func=lambda a: print("\n".join(list_presets(a.task))) or 0)
+
+    p = sub.add_parser("plot", help="draw a run's loss / lr / metric curves to PNG")
+    p.add_argument("run_dir")
+    p.add_argument("--out", help="PNG path (default RUN_DIR/curves.png)")
+    p.set_defaults(func=_cmd_plot)
     return parser
 
 
@@ -80,7 +191,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except (CheckpointError, ValueError) as e:
+    except (CheckpointError, ValueError, FileNotFoundError) as e:
         print(f"pvt {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -1,0 +1,96 @@
+"""Resumable, distributed, seeded sampling.
+
+Exact resume needs the data stream after a restart to be the one the killed run would have
+seen. So the order of an epoch is a pure function of (seed, epoch), each rank takes its shard,
+the sampler can start mid-epoch, and every sample's augmentation RNG is seeded from
+(seed, epoch, position): the same with any number of loader workers, and unaffected by resume.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+
+
+def sample_seed(seed: int, epoch: int, position: int) -> int:
+    return int(np.random.SeedSequence([seed, epoch, position]).generate_state(1)[0])
+
+
+class ResumableSampler(Sampler[tuple[int, int]]):
+    """Yields ``(dataset index, sample seed)`` for this rank, from ``start`` within the epoch.
+
+    ``repeats`` > 1 is repeated augmentation (each image ``repeats`` times per epoch, spread over
+    ranks, epoch length kept at ``ceil(N / world)`` per rank as in DeiT's sampler).
+    """
+
+    def __init__(
+        self,
+        size: int,
+        *,
+        seed: int = 0,
+        shuffle: bool = True,
+        rank: int = 0,
+        world_size: int = 1,
+        repeats: int = 1,
+    ) -> None:
+        if size <= 0:
+            raise ValueError("cannot sample from an empty dataset")
+        self.size, self.seed, self.shuffle = size, seed, shuffle
+        self.rank, self.world, self.repeats = rank, world_size, max(1, repeats)
+        self.epoch = 0
+        self.start = 0
+        self.per_rank = math.ceil(size / world_size)
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Begin ``epoch`` at sample ``start`` of this rank's shard."""
+        self.epoch, self.start = epoch, start
+
+    def _order(self) -> list[int]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed + self.epoch)
+            order = torch.randperm(self.size, generator=g).tolist()
+        else:
+            order = list(range(self.size))
+        if self.repeats > 1:
+            order = [i for i in order for _ in range(self.repeats)]
+        total = self.per_rank * self.world
+        order = (order * math.ceil(total / len(order)))[:total] if len(order) < total else order
+        return order[self.rank : total : self.world][: self.per_rank]
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        for pos, idx in enumerate(self._order()):
+            if pos >= self.start:
+                yield idx, sample_seed(self.seed, self.epoch, pos * self.world + self.rank)
+
+    def __len__(self) -> int:
+        return self.per_rank - self.start
+
+
+class SeededDataset(Dataset[Any]):
+    """Wraps a dataset so that ``ds[(index, seed)]`` runs its transforms under that seed,
+    leaving the caller's RNG streams untouched."""
+
+    def __init__(self, dataset: Dataset[Any]) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: tuple[int, int]) -> Any:
+        index, seed = key
+        py, npy = random.getstate(), np.random.get_state()
+        with torch.random.fork_rng(devices=[]):
+            random.seed(seed)
+            np.random.seed(seed % 2**32)
+            torch.manual_seed(seed)
+            try:
+                return self.dataset[index]
+            finally:
+                random.setstate(py)
+                np.random.set_state(npy)

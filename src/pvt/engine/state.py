@@ -1,0 +1,77 @@
+"""Training-state checkpoints: atomic writes, RNG capture, finding the latest one to resume."""
+
+from __future__ import annotations
+
+import random
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pvt.checkpoint.io import atomic_write
+
+_NAME = re.compile(r"^ckpt_(\d{8})\.pt$")
+
+
+def rng_state() -> dict[str, Any]:
+    """Python, NumPy and torch RNG states in a form ``torch.load(weights_only=True)`` accepts."""
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    state: dict[str, Any] = {
+        "python": [py_state[0], list(py_state[1]), py_state[2]],
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy(), *rest))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def checkpoint_path(run_dir: Path, iteration: int) -> Path:
+    return run_dir / "checkpoints" / f"ckpt_{iteration:08d}.pt"
+
+
+def save_state(path: Path, state: dict[str, Any]) -> None:
+    """Write atomically (temp file, fsync, rename): a kill mid-write leaves the previous one intact."""
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    d = run_dir / "checkpoints"
+    if not d.is_dir():
+        return []
+    return sorted(p for p in d.iterdir() if _NAME.match(p.name))
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def load_state(path: Path) -> dict[str, Any]:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same advice
+        raise RuntimeError(
+            f"{path}: cannot read this training checkpoint ({e}); delete it to resume from the one before"
+        ) from e
+    if not isinstance(state, dict) or "iteration" not in state:
+        raise RuntimeError(f"{path}: not a pvt-vision training checkpoint")
+    return state
+
+
+def prune_checkpoints(run_dir: Path, keep: int) -> None:
+    for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
+        old.unlink(missing_ok=True)

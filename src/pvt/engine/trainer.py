@@ -1,0 +1,416 @@
+"""The training loop every task shares: AdamW, schedules, precision, DDP, checkpoints, logging.
+
+A run directory holds ``config.yaml`` (the resolved recipe), ``metrics.jsonl``, ``checkpoints/``,
+``model.safetensors`` (final weights) and ``final.json`` (headline metrics, percent).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import signal
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.utils.data import DataLoader, Dataset
+
+from pvt.checkpoint.io import atomic_write, save_safetensors
+from pvt.engine import state as ckpt
+from pvt.engine.config import Recipe
+from pvt.engine.data import ResumableSampler, SeededDataset
+from pvt.engine.distributed import DistInfo, all_reduce_sum, barrier, cleanup, init_distributed
+from pvt.engine.optim import Schedule, build_optimizer, scaled_lr
+from pvt.engine.task import LoaderConfig, Task
+
+
+def set_determinism(seed: int, deterministic: bool) -> None:
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+
+
+def autocast_factory(amp: str, device: torch.device) -> Callable[[], Any]:
+    """Context factory for the recipe's precision (bf16 on CPU and GPU, fp16 on GPU only)."""
+    if amp == "none":
+        return contextlib.nullcontext
+    if amp == "fp16" and device.type != "cuda":
+        raise ValueError("train.amp=fp16 needs a GPU; use train.amp=bf16 on CPU")
+    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+    return lambda: torch.autocast(device.type, dtype=dtype)
+
+
+class MetricsLog:
+    """Append-only JSON lines, rank 0 only; truncated back to a checkpoint on resume."""
+
+    def __init__(self, path: Path, enabled: bool) -> None:
+        self.path, self.enabled = path, enabled
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.enabled:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def truncate_after(self, iteration: int) -> None:
+        if not (self.enabled and self.path.exists()):
+            return
+        keep = [ln for ln in self.path.read_text().splitlines() if json.loads(ln).get("iteration", 0) <= iteration]
+        text = "".join(ln + "\n" for ln in keep)
+        atomic_write(self.path, lambda tmp: Path(tmp).write_text(text))
+
+
+class _StopFlag:
+    """SIGTERM / SIGINT ask the loop to checkpoint at the next step boundary and exit."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopFlag:
+        for s in (signal.SIGTERM, signal.SIGINT):
+            self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        self.signum = signum
+
+    def __exit__(self, *exc: object) -> None:
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+class Trainer:
+    """Runs one recipe for one task in ``run_dir``; ``fit()`` returns the final metrics."""
+
+    def __init__(self, task: Task, recipe: Recipe, run_dir: str | Path, *, resume: bool = False) -> None:
+        self.task, self.recipe, self.run_dir = task, recipe, Path(run_dir)
+        self.resume = resume
+        self.dist: DistInfo = init_distributed(recipe.train.device)
+        self.device = self.dist.device
+        tc = recipe.train
+        set_determinism(tc.seed + self.dist.rank, tc.deterministic)
+        if self.dist.is_main:
+            (self.run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+            recipe.dump(self.run_dir / "config.yaml")
+        barrier(self.dist)
+        self.log = MetricsLog(self.run_dir / "metrics.jsonl", self.dist.is_main)
+        self.autocast = autocast_factory(tc.amp, self.device)
+
+    # -- construction ---------------------------------------------------------------------
+
+    def _loaders(self, train_ds: Dataset[Any], eval_ds: Dataset[Any]) -> None:
+        dc: LoaderConfig = self.recipe.data
+        rank, world, seed = self.dist.rank, self.dist.world_size, self.recipe.train.seed
+        repeats = int(getattr(dc, "repeated_aug", 1))
+        self.sampler = ResumableSampler(len(train_ds), seed=seed, rank=rank, world_size=world, repeats=repeats)  # type: ignore[arg-type]
+        self.train_loader = DataLoader(
+            SeededDataset(train_ds),
+            batch_size=dc.batch_size,
+            sampler=self.sampler,
+            num_workers=dc.workers,
+            collate_fn=self.task.collate,
+            drop_last=True,
+            generator=torch.Generator(),  # keeps the global RNG untouched by loader start-up
+            persistent_workers=False,
+        )
+        if len(self.train_loader) == 0:
+            raise ValueError(
+                f"data.batch_size={dc.batch_size} exceeds the {self.sampler.per_rank} training samples "
+                "per process; lower data.batch_size"
+            )
+        self.eval_loader = make_eval_loader(self.task, eval_ds, dc, self.dist)
+
+    def _build(self) -> None:
+        r = self.recipe
+        train_ds, eval_ds = self.task.build_datasets(r)
+        assert train_ds is not None
+        self._loaders(train_ds, eval_ds)
+        model = self.task.build_model(r).to(self.device)
+        if r.train.grad_checkpointing:
+            _set_grad_checkpointing(model)
+        self.model = model
+        self.ema = (
+            AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(r.train.ema_decay), use_buffers=True)
+            if r.train.ema_decay
+            else None
+        )
+        accum = r.optim.accum_steps
+        self.iters_per_epoch = len(self.train_loader) // accum
+        if self.iters_per_epoch == 0:
+            raise ValueError("optim.accum_steps is larger than the number of batches per epoch")
+        total_batch = r.data.batch_size * self.dist.world_size * accum
+        self.total_iters = r.schedule.iterations or r.schedule.epochs * self.iters_per_epoch
+        self.epochs = -(-self.total_iters // self.iters_per_epoch)
+        self.base_lr = scaled_lr(r.optim, total_batch)
+        self.optimizer = build_optimizer(model, r.optim, self.base_lr, **self.task.param_group_kwargs())
+        self.schedule = Schedule(r.schedule, self.base_lr, self.total_iters, self.iters_per_epoch)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=r.train.amp == "fp16")
+        forward_model: nn.Module = model
+        if self.dist.enabled:
+            forward_model = DistributedDataParallel(
+                model, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
+        if r.train.compile:
+            forward_model = torch.compile(forward_model)  # type: ignore[assignment]
+        self.forward_model = forward_model
+        self.tb = self._tensorboard() if r.train.tensorboard and self.dist.is_main else None
+        if self.dist.is_main:
+            text = json.dumps(self.task.artifacts(), indent=2) + "\n"
+            atomic_write(self.run_dir / "task.json", lambda tmp: Path(tmp).write_text(text))
+
+    def _tensorboard(self) -> Any:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as e:
+            raise RuntimeError("train.tensorboard=true needs the tensorboard package: pip install tensorboard") from e
+        return SummaryWriter(str(self.run_dir / "tensorboard"))
+
+    # -- checkpoints ----------------------------------------------------------------------
+
+    def _state(self, epoch: int, position: int) -> dict[str, Any]:
+        return {
+            "iteration": self.schedule.iteration,
+            "epoch": epoch,
+            "position": position,  # samples of this epoch already consumed, per rank
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "schedule": self.schedule.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "rng": ckpt.rng_state(),
+            "world_size": self.dist.world_size,
+        }
+
+    def _save(self, epoch: int, position: int) -> None:
+        # Every rank's RNG differs, but ranks start from seed + rank and consume in lock step;
+        # rank 0's file is the run's checkpoint and each rank restores its own stream on resume.
+        state = self._state(epoch, position)
+        if self.dist.enabled:
+            from pvt.engine.distributed import gather_objects
+
+            state["rng_all"] = gather_objects(state["rng"], self.dist)
+        if self.dist.is_main:
+            ckpt.save_state(ckpt.checkpoint_path(self.run_dir, self.schedule.iteration), state)
+            ckpt.prune_checkpoints(self.run_dir, self.recipe.train.keep_checkpoints)
+        barrier(self.dist)
+
+    def _restore(self) -> tuple[int, int]:
+        path = ckpt.latest_checkpoint(self.run_dir)
+        if path is None:
+            return 0, 0
+        state = ckpt.load_state(path)
+        if state.get("world_size", 1) != self.dist.world_size:
+            raise RuntimeError(
+                f"{path} was written by {state.get('world_size')} processes; resume with the same "
+                f"--nproc_per_node (now {self.dist.world_size}) for an exact continuation"
+            )
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
+        self.scaler.load_state_dict(state["scaler"])
+        if self.ema is not None and state.get("ema") is not None:
+            self.ema.load_state_dict(state["ema"])
+        self._pending_rng = state["rng_all"][self.dist.rank] if "rng_all" in state else state["rng"]
+        self.log.truncate_after(self.schedule.iteration)
+        if self.dist.is_main:
+            print(f"resuming from {path} (iteration {self.schedule.iteration}, epoch {state['epoch']})")
+        return int(state["epoch"]), int(state["position"])
+
+    # -- the loop -------------------------------------------------------------------------
+
+    def _batches(self, epoch: int, position: int) -> Iterator[Any]:
+        self.sampler.set_epoch(epoch, position)
+        it = iter(self.train_loader)
+        # Restore the RNG after the loader has started, exactly where the checkpoint left it.
+        if getattr(self, "_pending_rng", None) is not None:
+            ckpt.set_rng_state(self._pending_rng)
+            self._pending_rng = None
+        yield from it
+
+    def _train_epoch(self, epoch: int, position: int, stop: _StopFlag) -> bool:
+        """Returns False when interrupted by a signal (after checkpointing)."""
+        r, accum = self.recipe, self.recipe.optim.accum_steps
+        bs = r.data.batch_size
+        steps_done = position // (bs * accum)
+        remaining = min(self.iters_per_epoch - steps_done, self.total_iters - self.schedule.iteration)
+        bar = _progress(remaining, f"epoch {epoch + 1}/{self.epochs}", self.dist.is_main and r.train.progress)
+        self.model.train()
+        micro, t0, seen = 0, time.perf_counter(), 0
+        loss_sum = torch.zeros((), device=self.device)
+        for batch in self._batches(epoch, position):
+            # Leftover micro-batches (fewer than accum_steps) never leak into the next epoch.
+            if self.schedule.iteration >= self.total_iters or steps_done >= self.iters_per_epoch:
+                break
+            lr = self.schedule.apply(self.optimizer)
+            sync = (micro + 1) % accum == 0
+            ctx = self.forward_model.no_sync() if (self.dist.enabled and not sync) else contextlib.nullcontext()  # type: ignore[operator]
+            with ctx:
+                with self.autocast():
+                    loss = self.task.loss(self.forward_model, batch, self.device)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(
+                        f"loss is {loss.item()} at iteration {self.schedule.iteration}; lower optim.lr, "
+                        "set optim.clip_grad, or use train.amp=none"
+                    )
+                self.scaler.scale(loss / accum).backward()
+            loss_sum += loss.detach()
+            micro += 1
+            seen += bs
+            position += bs
+            if not sync:
+                continue
+            if r.optim.clip_grad:
+                self.scaler.unscale_(self.optimizer)
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), r.optim.clip_grad)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.ema is not None:
+                self.ema.update_parameters(self.model)
+            self.schedule.step()
+            steps_done += 1
+            it = self.schedule.iteration
+            mean_loss = (loss_sum / accum).item()
+            loss_sum.zero_()
+            throughput = seen * self.dist.world_size / max(time.perf_counter() - t0, 1e-9)
+            bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{throughput:.1f}")
+            bar.update(1)
+            if it % r.train.log_every == 0 or it == self.total_iters:
+                rec = {"type": "train", "epoch": epoch, "iteration": it, "loss": mean_loss, "lr": lr,
+                       "img_s": throughput}  # fmt: skip
+                self.log.write(rec)
+                if self.tb is not None:
+                    for k in ("loss", "lr", "img_s"):
+                        self.tb.add_scalar(f"train/{k}", rec[k], it)
+            if it % r.train.checkpoint_every == 0 and steps_done < self.iters_per_epoch:
+                self._save(epoch, position)
+            if stop.signum is not None:
+                self._save(epoch, position)
+                bar.close()
+                return False
+        bar.close()
+        return True
+
+    def evaluate(self, model: nn.Module | None = None) -> dict[str, float]:
+        m = model if model is not None else self.model
+        m.eval()
+        with torch.inference_mode():
+            return self.task.evaluate(m, self.eval_loader, self.device, self.dist, self.autocast)
+
+    def fit(self) -> dict[str, float]:
+        self._build()
+        epoch, position = self._restore() if self.resume else (0, 0)
+        metrics: dict[str, float] = {}
+        try:
+            with _StopFlag() as stop:
+                while self.schedule.iteration < self.total_iters:
+                    if not self._train_epoch(epoch, position, stop):
+                        sig = signal.Signals(stop.signum or signal.SIGTERM).name
+                        if self.dist.is_main:
+                            print(f"{sig}: checkpointed iteration {self.schedule.iteration}; continue with --resume")
+                        sys.exit(128 + int(stop.signum or signal.SIGTERM))
+                    epoch, position = epoch + 1, 0
+                    last = self.schedule.iteration >= self.total_iters
+                    if last or epoch % self.recipe.train.eval_every == 0:
+                        metrics = self._eval_and_log(epoch)
+                    self._save(epoch, 0)
+            self._finish(metrics)
+        finally:
+            if self.tb is not None:
+                self.tb.close()
+            cleanup(self.dist)
+        return metrics
+
+    def _eval_and_log(self, epoch: int) -> dict[str, float]:
+        metrics = self.evaluate()
+        if self.ema is not None:
+            ema_metrics = self.evaluate(self.ema.module)
+            metrics.update({f"ema_{k}": v for k, v in ema_metrics.items()})
+        self.log.write({"type": "eval", "epoch": epoch, "iteration": self.schedule.iteration, **metrics})
+        if self.tb is not None:
+            for k, v in metrics.items():
+                self.tb.add_scalar(f"eval/{k}", v, self.schedule.iteration)
+        if self.dist.is_main:
+            shown = ", ".join(f"{k} {v:.2f}" for k, v in metrics.items() if k in self.task.headline)
+            print(f"epoch {epoch}: {shown}", flush=True)
+        return metrics
+
+    def _finish(self, metrics: dict[str, float]) -> None:
+        if not self.dist.is_main:
+            return
+        arch = getattr(self.model, "arch", None)
+        final_model = self.ema.module if self.ema is not None else self.model
+        save_safetensors(final_model.state_dict(), self.run_dir / "model.safetensors", arch=arch)
+        final = {k: round(float(metrics[k]), 4) for k in self.task.headline if k in metrics}
+        final.update({"iterations": self.schedule.iteration, "task": self.task.name})
+        text = json.dumps(final, indent=2) + "\n"
+        atomic_write(self.run_dir / "final.json", lambda tmp: Path(tmp).write_text(text))
+
+
+def make_eval_loader(task: Task, eval_ds: Dataset[Any], dc: LoaderConfig, info: DistInfo) -> DataLoader[Any]:
+    """Each rank evaluates its own contiguous shard; tasks reduce their metrics across ranks."""
+    n = len(eval_ds)  # type: ignore[arg-type]
+    per = -(-n // info.world_size)
+    indices = list(range(info.rank * per, min(n, (info.rank + 1) * per)))
+    subset = torch.utils.data.Subset(eval_ds, indices)
+    return DataLoader(
+        subset,
+        batch_size=dc.eval_batch_size or max(1, int(dc.batch_size * 1.5)),
+        shuffle=False,
+        num_workers=dc.workers,
+        collate_fn=task.collate,
+        generator=torch.Generator(),  # evaluation never draws from the training RNG
+    )
+
+
+def _set_grad_checkpointing(model: nn.Module) -> None:
+    """Turn it on in the first module that supports it (the PVT backbone)."""
+    for m in model.modules():
+        fn = getattr(m, "set_grad_checkpointing", None)
+        if callable(fn):
+            fn(True)
+            return
+
+
+class _NoBar:
+    def set_postfix(self, **kw: Any) -> None: ...
+    def update(self, n: int = 1) -> None: ...
+    def close(self) -> None: ...
+
+
+def _progress(total: int, desc: str, enabled: bool) -> Any:
+    if not enabled:
+        return _NoBar()
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, dynamic_ncols=True, leave=False, file=sys.stderr)
+
+
+def run_evaluation(task: Task, recipe: Recipe) -> dict[str, float]:
+    """``pvt eval``: evaluate ``recipe.model.checkpoint`` on the task's evaluation set."""
+    info = init_distributed(recipe.train.device)
+    try:
+        _, eval_ds = task.build_datasets(recipe, train=False)
+        loader = make_eval_loader(task, eval_ds, recipe.data, info)
+        model = task.build_model(recipe).to(info.device).eval()
+        with torch.inference_mode():
+            return task.evaluate(model, loader, info.device, info, autocast_factory(recipe.train.amp, info.device))
+    finally:
+        cleanup(info)
+
+
+__all__ = ["Trainer", "all_reduce_sum", "autocast_factory", "make_eval_loader", "run_evaluation"]

@@ -1,0 +1,149 @@
+"""ImageNet-style classification on the engine: PVT classifier, mixup / label smoothing, top-1 / top-5."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset
+
+from pvt.engine.config import Recipe
+from pvt.engine.distributed import DistInfo, all_reduce_sum
+from pvt.engine.task import Task
+from pvt.models import create_model
+from pvt.checkpoint.io import atomic_write
+from pvt.tasks.classification.data import (
+    ClassificationData,
+    build_datasets,
+    build_transforms,
+    expand_inputs,
+    load_image,
+)
+
+
+class ClassificationTask(Task):
+    name = "classification"
+    data_config = ClassificationData
+    headline = ("top1", "top5")
+
+    def __init__(self) -> None:
+        self._mixup: Any = None
+
+    def build_model(self, recipe: Recipe) -> nn.Module:
+        m = recipe.model
+        kwargs: dict[str, Any] = {}
+        if m.img_size is not None:
+            kwargs["img_size"] = m.img_size
+        model = create_model(
+            m.name,
+            num_classes=m.num_classes,
+            drop_path_rate=m.drop_path_rate,
+            checkpoint=m.checkpoint,
+            **kwargs,
+        )
+        if m.checkpoint is not None:
+            print(model.load_report)
+        if m.freeze_stages:
+            model.freeze_stages(m.freeze_stages)
+        data: ClassificationData = recipe.data
+        if data.mixup > 0 or data.cutmix > 0:
+            from timm.data import Mixup
+
+            self._mixup = Mixup(
+                mixup_alpha=data.mixup,
+                cutmix_alpha=data.cutmix,
+                prob=data.mixup_prob,
+                switch_prob=data.mixup_switch_prob,
+                mode="batch",
+                label_smoothing=data.smoothing,
+                num_classes=m.num_classes,
+            )
+        self._smoothing = data.smoothing
+        return model
+
+    def build_datasets(self, recipe: Recipe, *, train: bool = True) -> tuple[Dataset[Any] | None, Dataset[Any]]:
+        train_ds, val_ds = build_datasets(recipe.data, train=train)
+        self._classes = val_ds.classes
+        n = len(val_ds.classes)
+        if n > recipe.model.num_classes:
+            raise ValueError(
+                f"the data has {n} classes but model.num_classes={recipe.model.num_classes}; "
+                f"set --set model.num_classes={n}"
+            )
+        return train_ds, val_ds
+
+    def artifacts(self) -> dict[str, Any]:
+        return {"classes": list(getattr(self, "_classes", []))}
+
+    def predict(
+        self, model: nn.Module, recipe: Recipe, inputs: list[str], artifacts: dict[str, Any], out_dir: str | None
+    ) -> list[dict[str, Any]]:
+        """Top-5 classes with probabilities for each image file (or every image in a folder)."""
+        transform = build_transforms(recipe.data, train=False)
+        classes = artifacts.get("classes") or []
+        paths = expand_inputs(inputs)
+        device = next(model.parameters()).device
+        results = []
+        for path in paths:
+            x = transform(load_image(path))[None].to(device)
+            with torch.inference_mode():
+                probs = model(x).float().softmax(dim=-1)[0]
+            top = probs.topk(min(5, probs.numel()))
+            results.append(
+                {
+                    "image": path,
+                    "top5": [
+                        {"label": classes[i] if i < len(classes) else str(i), "index": i, "prob": round(p, 5)}
+                        for p, i in zip(top.values.tolist(), top.indices.tolist(), strict=True)
+                    ],
+                }
+            )
+        if out_dir is not None:
+            out = Path(out_dir) / "predictions.json"
+            text = json.dumps(results, indent=2) + "\n"
+            atomic_write(out, lambda tmp: Path(tmp).write_text(text))
+        return results
+
+    def loss(self, model: nn.Module, batch: Any, device: torch.device) -> torch.Tensor:
+        images, targets = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
+        if self._mixup is not None and images.shape[0] % 2 == 0:
+            images, soft = self._mixup(images, targets)
+            logits = model(images)
+            return torch.sum(-soft * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+        logits = model(images)
+        return F.cross_entropy(logits.float(), targets, label_smoothing=self._smoothing)
+
+    def evaluate(
+        self,
+        model: nn.Module,
+        batches: Iterable[Any],
+        device: torch.device,
+        dist: DistInfo,
+        autocast: Callable[[], Any],
+    ) -> dict[str, float]:
+        # [correct@1, correct@5, count, loss sum], summed over ranks.
+        acc = torch.zeros(4, dtype=torch.float64, device=device)
+        for images, targets in batches:
+            images, targets = images.to(device), targets.to(device)
+            with autocast():
+                logits = model(images).float()
+            k = min(5, logits.shape[1])
+            top = logits.topk(k, dim=1).indices
+            hit = top.eq(targets[:, None])
+            acc[0] += hit[:, 0].sum()
+            acc[1] += hit.any(dim=1).sum()
+            acc[2] += targets.numel()
+            acc[3] += F.cross_entropy(logits, targets, reduction="sum")
+        all_reduce_sum(acc, dist)
+        n = max(acc[2].item(), 1.0)
+        return {
+            "top1": 100.0 * acc[0].item() / n,
+            "top5": 100.0 * acc[1].item() / n,
+            "loss": acc[3].item() / n,
+            "count": acc[2].item(),
+        }
