@@ -97,9 +97,7 @@ def test_features_only_out_indices() -> None:
     assert [f.shape[1] for f in feats] == [64, 256]
     # Stages after the last requested one are not built, so every parameter is used.
     early = pvt.create_model("pvt_tiny", features_only=True, out_indices=(0, 1))
-    assert not any(
-        k.startswith(("block3", "block4", "patch_embed3", "pos_embed4")) for k in early.state_dict()
-    )
+    assert not any(k.startswith(("block3", "block4", "patch_embed3", "pos_embed4")) for k in early.state_dict())
     sum(f.sum() for f in early(torch.randn(1, 3, 64, 64))).backward()
     assert all(p.grad is not None for p in early.parameters())
     with pytest.raises(ValueError, match="out_indices"):

@@ -12,10 +12,10 @@ from typing import Any
 
 from pvt.checkpoint import CheckpointError, infer_arch, load_checkpoint, read_state_dict, save_safetensors
 from pvt.checkpoint.io import atomic_write
-from pvt.engine.presets import list_presets
-from pvt.tasks import TASKS
 from pvt.complexity import complexity
+from pvt.engine.presets import list_presets
 from pvt.models import create_model, list_models
+from pvt.tasks import TASKS
 from pvt.zoo import zoo_table
 
 
@@ -70,7 +70,8 @@ def _recipe(args: argparse.Namespace, task_name: str, default_preset: str | None
     ckpt = getattr(args, "checkpoint", None)
     if preset_name is None and ckpt and (Path(ckpt).parent / "config.yaml").is_file():
         preset_name = str(Path(ckpt).parent / "config.yaml")
-    preset = load_preset(task_name, preset_name or default_preset) if (preset_name or default_preset) else {}
+    chosen = preset_name or default_preset
+    preset = load_preset(task_name, chosen) if chosen else {}
     overrides = list(args.set or [])
     if getattr(args, "data", None):
         overrides.append(f"data.root={args.data}")

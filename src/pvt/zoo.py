@@ -28,7 +28,5 @@ def zoo_table(pattern: str = "*") -> str:
     """Markdown table of the zoo (builds every matching model and counts it: a few seconds)."""
     lines = list(HEADER)
     for name, params, paper_params, gmacs, paper_gmacs, top1 in zoo_rows(pattern):
-        lines.append(
-            f"| `{name}` | {params:.3f} | {paper_params:.1f} | {gmacs:.3f} | {paper_gmacs:.1f} | {top1:.1f} |"
-        )
+        lines.append(f"| `{name}` | {params:.3f} | {paper_params:.1f} | {gmacs:.3f} | {paper_gmacs:.1f} | {top1:.1f} |")
     return "\n".join(lines)

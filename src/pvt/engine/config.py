@@ -144,6 +144,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return value
     if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):
+        # YAML 1.1 reads "2e-4" (no dot) as a string; accept what float() accepts.
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if tp is int and isinstance(value, int) and not isinstance(value, bool):
         return value
     if tp is bool and isinstance(value, bool):
@@ -198,15 +204,16 @@ def load_recipe(
     for path, value in parse_overrides(overrides or []):
         if path[0] not in (*ENGINE_SECTIONS, "data") or len(path) < 2:
             raise ConfigError(
-                f"--set {'.'.join(path)}: keys start with one of {[*ENGINE_SECTIONS, 'data']}, "
-                "e.g. optim.lr=2e-4"
+                f"--set {'.'.join(path)}: keys start with one of {[*ENGINE_SECTIONS, 'data']}, e.g. optim.lr=2e-4"
             )
         merge(raw, path, value)
     unknown = sorted(set(raw) - {*ENGINE_SECTIONS, "data", "task"})
     if unknown:
         raise ConfigError(f"unknown section(s) {unknown}; valid: {[*ENGINE_SECTIONS, 'data']}")
-    sections = {name: build_section(cls, raw.get(name, {}), name) for name, cls in ENGINE_SECTIONS.items()}
-    data = build_section(data_cls, raw.get("data", {}), "data")
+    sections: dict[str, Any] = {
+        name: build_section(cls, raw.get(name, {}), name) for name, cls in ENGINE_SECTIONS.items()
+    }
+    data: Any = build_section(data_cls, raw.get("data", {}), "data")
     recipe = Recipe(task=task, data=data, **sections)
     validate(recipe)
     return recipe
@@ -217,7 +224,10 @@ def validate(r: Recipe) -> None:
     checks = [
         (r.optim.lr > 0, "optim.lr must be > 0"),
         (r.optim.accum_steps >= 1, "optim.accum_steps must be >= 1"),
-        (r.schedule.name in ("cosine", "poly", "step", "constant"), "schedule.name: cosine|poly|step|constant"),
+        (
+            r.schedule.name in ("cosine", "poly", "step", "constant"),
+            "schedule.name: cosine|poly|step|constant",
+        ),
         (r.schedule.epochs >= 1 or (r.schedule.iterations or 0) >= 1, "schedule.epochs must be >= 1"),
         (r.train.amp in ("none", "bf16", "fp16"), "train.amp must be none, bf16 or fp16"),
         (r.train.device in ("auto", "cpu", "cuda"), "train.device must be auto, cpu or cuda"),

@@ -87,11 +87,11 @@ class Schedule:
         if cfg.warmup_iters is not None:
             self.warmup = cfg.warmup_iters
         else:
-            self.warmup = int(round(cfg.warmup_epochs * self.per_epoch))
+            self.warmup = round(cfg.warmup_epochs * self.per_epoch)
         self.warmup = min(self.warmup, self.total - 1) if self.total > 1 else 0
         # Step milestones are epochs unless the recipe counts iterations.
         unit = 1 if cfg.iterations is not None else self.per_epoch
-        self.milestones = sorted(int(round(m * unit)) for m in cfg.milestones)
+        self.milestones = sorted(round(m * unit) for m in cfg.milestones)
         self.iteration = 0
 
     def lr_at(self, it: int) -> float:

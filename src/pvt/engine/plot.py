@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from pvt.checkpoint.io import atomic_write
 
 _NOT_METRICS = {"type", "epoch", "iteration", "count", "img_s"}
 
 
-def read_metrics(run_dir: Path) -> list[dict[str, float]]:
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no metrics yet; train first (pvt train ... --output {run_dir})")

@@ -16,16 +16,17 @@ _NAME = re.compile(r"^ckpt_(\d{8})\.pt$")
 
 
 def rng_state() -> dict[str, Any]:
-    """Python, NumPy and torch RNG states in a form ``torch.load(weights_only=True)`` accepts."""
-    np_state = np.random.get_state()
+    """Python, NumPy and torch RNG states as plain lists and ints: loadable with
+    ``weights_only=True`` and picklable for ``all_gather_object``."""
+    name, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)  # type: ignore[misc]
     py_state = random.getstate()
     state: dict[str, Any] = {
         "python": [py_state[0], list(py_state[1]), py_state[2]],
-        "numpy": [np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]],
-        "torch": torch.get_rng_state(),
+        "numpy": [name, np.asarray(keys).tolist(), int(pos), int(has_gauss), float(cached)],
+        "torch": torch.get_rng_state().tolist(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
     return state
 
 
@@ -33,10 +34,10 @@ def set_rng_state(state: dict[str, Any]) -> None:
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     name, keys, *rest = state["numpy"]
-    np.random.set_state((name, keys.numpy(), *rest))
-    torch.set_rng_state(state["torch"])
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), *rest))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
 
 
 def checkpoint_path(run_dir: Path, iteration: int) -> Path:
@@ -63,7 +64,7 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 def load_state(path: Path) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same advice
+    except Exception as e:
         raise RuntimeError(
             f"{path}: cannot read this training checkpoint ({e}); delete it to resume from the one before"
         ) from e

@@ -66,7 +66,12 @@ class Task(ABC):
         return {}
 
     def predict(
-        self, model: nn.Module, recipe: Recipe, inputs: list[str], artifacts: dict[str, Any], out_dir: str | None
+        self,
+        model: nn.Module,
+        recipe: Recipe,
+        inputs: list[str],
+        artifacts: dict[str, Any],
+        out_dir: str | None,
     ) -> list[dict[str, Any]]:
         """Predictions for image files, one record per image (written under ``out_dir`` if set)."""
         raise NotImplementedError(f"{self.name} has no predict yet")

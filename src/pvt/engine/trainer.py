@@ -356,8 +356,8 @@ class Trainer:
         final_model = self.ema.module if self.ema is not None else self.model
         save_safetensors(final_model.state_dict(), self.run_dir / "model.safetensors", arch=arch)
         final = {k: round(float(metrics[k]), 4) for k in self.task.headline if k in metrics}
-        final.update({"iterations": self.schedule.iteration, "task": self.task.name})
-        text = json.dumps(final, indent=2) + "\n"
+        final_json: dict[str, Any] = {**final, "iterations": self.schedule.iteration, "task": self.task.name}
+        text = json.dumps(final_json, indent=2) + "\n"
         atomic_write(self.run_dir / "final.json", lambda tmp: Path(tmp).write_text(text))
 
 

@@ -79,9 +79,7 @@ class PyramidBackbone(nn.Module):
         self.drop_rate = drop_rate
         self.head_drop = nn.Dropout(drop_rate)
         all_stages = [FeatureStage(c, 4 * 2**i, f"block{i + 1}", i) for i, c in enumerate(self.embed_dims)]
-        self.feature_info = FeatureInfo(
-            f for f in all_stages if not features_only or f.index in self.out_indices
-        )
+        self.feature_info = FeatureInfo(f for f in all_stages if not features_only or f.index in self.out_indices)
 
     # -- what subclasses provide ------------------------------------------------------------
 
@@ -105,10 +103,8 @@ class PyramidBackbone(nn.Module):
 
     def _blocks(self, blocks: nn.ModuleList, x: Tensor, hw: tuple[int, int]) -> Tensor:
         for blk in blocks:
-            if self.grad_checkpointing and self.training:
-                x = checkpoint(blk, x, hw, use_reentrant=False)
-            else:
-                x = blk(x, hw)
+            use_ckpt = self.grad_checkpointing and self.training
+            x = checkpoint(blk, x, hw, use_reentrant=False) if use_ckpt else blk(x, hw)
         return x
 
     def _kv_grids_ok(self, grids: list[tuple[int, int]]) -> bool:

@@ -153,9 +153,7 @@ class Attention(nn.Module):
         k, v = kv.unbind(0)  # each [B, heads, N', d]
 
         if self.fused_attn:
-            out = F.scaled_dot_product_attention(
-                q, k, v, dropout_p=self.attn_drop.p if self.training else 0.0
-            )
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p if self.training else 0.0)
         else:
             attn = (q * self.scale) @ k.transpose(-2, -1)
             attn = self.attn_drop(attn.softmax(dim=-1))

@@ -1,6 +1,6 @@
 """Image classification (ImageFolder, the papers' ImageNet recipe, the embedded digits set)."""
 
-from pvt.tasks.classification.data import ClassificationData, CheckedImageFolder, DataError, export_digits
+from pvt.tasks.classification.data import CheckedImageFolder, ClassificationData, DataError, export_digits
 from pvt.tasks.classification.task import ClassificationTask
 
 __all__ = ["CheckedImageFolder", "ClassificationData", "ClassificationTask", "DataError", "export_digits"]

@@ -89,7 +89,7 @@ def _readable(path: str) -> bool:
         with Image.open(path) as im:
             im.verify()
         return True
-    except Exception:  # noqa: BLE001 - any failure means unreadable
+    except Exception:
         return False
 
 
@@ -149,7 +149,7 @@ class CheckedImageFolder(Dataset[tuple[Any, int]]):
 
 def build_transforms(cfg: ClassificationData, *, train: bool) -> Any:
     """timm's ImageNet transforms, configured from the recipe."""
-    from timm.data import create_transform
+    from timm.data.transforms_factory import create_transform
 
     if train:
         return create_transform(
@@ -158,7 +158,7 @@ def build_transforms(cfg: ClassificationData, *, train: bool) -> Any:
             scale=cfg.scale,
             ratio=cfg.ratio,
             hflip=cfg.hflip,
-            color_jitter=cfg.color_jitter,
+            color_jitter=cfg.color_jitter or 0.0,
             auto_augment=cfg.auto_augment,
             interpolation=cfg.interpolation,
             re_prob=cfg.reprob,
@@ -229,15 +229,16 @@ def build_datasets(
     train_ds = None
     classes = None
     if train:
-        train_ds = CheckedImageFolder(
-            root / cfg.train_split, build_transforms(cfg, train=True), skip_bad=cfg.skip_bad
-        )
+        train_ds = CheckedImageFolder(root / cfg.train_split, build_transforms(cfg, train=True), skip_bad=cfg.skip_bad)
         classes = train_ds.classes
     else:
         split = root / cfg.train_split
         if split.is_dir():
             classes = sorted(d.name for d in split.iterdir() if d.is_dir() and not d.name.startswith("."))
     val_ds = CheckedImageFolder(
-        root / cfg.val_split, build_transforms(cfg, train=False), classes=classes or None, skip_bad=cfg.skip_bad
+        root / cfg.val_split,
+        build_transforms(cfg, train=False),
+        classes=classes or None,
+        skip_bad=cfg.skip_bad,
     )
     return train_ds, val_ds

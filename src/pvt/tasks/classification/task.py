@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -12,11 +13,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
+from pvt.checkpoint.io import atomic_write
 from pvt.engine.config import Recipe
 from pvt.engine.distributed import DistInfo, all_reduce_sum
 from pvt.engine.task import Task
 from pvt.models import create_model
-from pvt.checkpoint.io import atomic_write
 from pvt.tasks.classification.data import (
     ClassificationData,
     build_datasets,
@@ -47,12 +48,12 @@ class ClassificationTask(Task):
             **kwargs,
         )
         if m.checkpoint is not None:
-            print(model.load_report)
+            print(model.load_report, file=sys.stderr)
         if m.freeze_stages:
             model.freeze_stages(m.freeze_stages)
         data: ClassificationData = recipe.data
         if data.mixup > 0 or data.cutmix > 0:
-            from timm.data import Mixup
+            from timm.data.mixup import Mixup
 
             self._mixup = Mixup(
                 mixup_alpha=data.mixup,
@@ -81,7 +82,12 @@ class ClassificationTask(Task):
         return {"classes": list(getattr(self, "_classes", []))}
 
     def predict(
-        self, model: nn.Module, recipe: Recipe, inputs: list[str], artifacts: dict[str, Any], out_dir: str | None
+        self,
+        model: nn.Module,
+        recipe: Recipe,
+        inputs: list[str],
+        artifacts: dict[str, Any],
+        out_dir: str | None,
     ) -> list[dict[str, Any]]:
         """Top-5 classes with probabilities for each image file (or every image in a folder)."""
         transform = build_transforms(recipe.data, train=False)
