@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+import pvt
 from pvt.cli import main as cli_main
 from pvt.tasks.classification import CheckedImageFolder, DataError, export_digits
 
@@ -87,6 +88,24 @@ def test_short_run_then_eval_predict_plot(cache: Path, tmp_path: Path, capsys: p
     assert json.loads((out / "predictions.json").read_text())[0]["top5"] == pred["top5"]
 
 
+def test_bf16_ema_accumulation_and_freezing(cache: Path, tmp_path: Path) -> None:
+    run = tmp_path / "opts"
+    sets = _sets("schedule.iterations=3", "schedule.warmup_iters=1", "data.batch_size=16", "train.amp=bf16",
+                 "train.ema_decay=0.9", "optim.accum_steps=2", "model.freeze_stages=1", "optim.clip_grad=1.0",
+                 "train.grad_checkpointing=true")  # fmt: skip
+    assert cli_main(["train", "classification", "--output", str(run), *sets]) == 0
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in records if r["type"] == "train"] == [1, 2, 3]
+    assert {"top1", "ema_top1"} <= set(records[-1])
+    # The frozen first stage keeps its init (the trainer seeds with train.seed=0); the rest trained.
+    weights = load_file(run / "model.safetensors")
+    torch.manual_seed(0)
+    init = pvt.create_model("pvt_v2_b0", num_classes=10, drop_path_rate=0.1).state_dict()
+    assert torch.equal(weights["patch_embed1.proj.weight"], init["patch_embed1.proj.weight"])
+    assert torch.equal(weights["block1.0.attn.q.weight"], init["block1.0.attn.q.weight"])
+    assert not torch.equal(weights["block2.0.attn.q.weight"], init["block2.0.attn.q.weight"])
+
+
 def _train_cmd(run: Path, *extra: str) -> list[str]:
     sets = _sets("schedule.iterations=16", "schedule.warmup_iters=2", "train.checkpoint_every=4",
                  "train.deterministic=true", "data.batch_size=96", "data.mixup=0.5")  # fmt: skip
@@ -120,6 +139,30 @@ def test_exact_resume_after_sigkill(cache: Path, tmp_path: Path) -> None:
     ref_lines = [json.loads(x) for x in (ref / "metrics.jsonl").read_text().splitlines()]
     strip = lambda rs: [{k: v for k, v in r.items() if k != "img_s"} for r in rs]  # noqa: E731
     assert strip(lines) == strip(ref_lines)  # no duplicated or missing records
+
+
+def test_sigterm_checkpoints_and_exits(cache: Path, tmp_path: Path) -> None:
+    run = tmp_path / "term"
+    proc = subprocess.Popen(
+        _train_cmd(run, "--set", "schedule.iterations=200"),
+        env=_env(cache),
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    first = run / "checkpoints" / "ckpt_00000004.pt"
+    deadline = time.time() + 300
+    while not first.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signal.SIGTERM
+    assert "SIGTERM: checkpointed iteration" in out and "--resume" in out
+    saved = sorted((run / "checkpoints").glob("ckpt_*.pt"))
+    stopped_at = int(out.split("checkpointed iteration ")[1].split(";")[0])
+    assert saved[-1].name == f"ckpt_{stopped_at:08d}.pt"
+    assert torch.load(saved[-1], weights_only=True)["iteration"] == stopped_at
 
 
 def test_two_process_ddp_trains_in_step(cache: Path, tmp_path: Path) -> None:

@@ -298,12 +298,21 @@ class Trainer:
                         self.tb.add_scalar(f"train/{k}", rec[k], it)
             if it % r.train.checkpoint_every == 0 and steps_done < self.iters_per_epoch:
                 self._save(epoch, position)
-            if stop.signum is not None:
+            if self._should_stop(stop):
                 self._save(epoch, position)
                 bar.close()
                 return False
         bar.close()
         return True
+
+    def _should_stop(self, stop: _StopFlag) -> bool:
+        """Whether any rank got a signal: every rank must stop at the same step to checkpoint."""
+        flag = torch.tensor([float(stop.signum is not None)], device=self.device)
+        if self.dist.enabled:
+            all_reduce_sum(flag, self.dist)
+            if flag.item() > 0 and stop.signum is None:
+                stop.signum = signal.SIGTERM
+        return bool(flag.item() > 0)
 
     def evaluate(self, model: nn.Module | None = None) -> dict[str, float]:
         m = model if model is not None else self.model

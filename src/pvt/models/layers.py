@@ -156,7 +156,8 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p if self.training else 0.0)
         else:
             attn = (q * self.scale) @ k.transpose(-2, -1)
-            attn = self.attn_drop(attn.softmax(dim=-1))
+            # Softmax in fp32: under fp16 autocast the logits would overflow.
+            attn = self.attn_drop(attn.softmax(dim=-1, dtype=torch.float32).to(v.dtype))
             out = attn @ v
         out = out.transpose(1, 2).reshape(b, n, c)
         return self.proj_drop(self.proj(out))
