@@ -1,0 +1,5 @@
+"""Object detection and instance segmentation on PVT: ``pvt.detection.retinanet`` / ``mask_rcnn``."""
+
+from pvt.tasks.detection.models import BackboneFPN, LastLevelP6P7FromC5, backbone_fpn, mask_rcnn, retinanet
+
+__all__ = ["BackboneFPN", "LastLevelP6P7FromC5", "backbone_fpn", "mask_rcnn", "retinanet"]

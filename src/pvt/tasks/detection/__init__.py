@@ -1,0 +1,1 @@
+"""Detection task: RetinaNet / Mask R-CNN models (data, evaluation and training follow)."""

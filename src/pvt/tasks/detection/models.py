@@ -1,0 +1,225 @@
+"""RetinaNet and Mask R-CNN on PVT (or torchvision's ResNets), composed from torchvision's detectors.
+
+Wiring follows the papers' mmdetection configs (pvt-facts section 5):
+
+* RetinaNet: C3-C5 into a 256-channel FPN, P6 from **C5** by a 3x3 stride-2 conv and P7 from P6
+  (mmdet's ``add_extra_convs='on_input'``). torchvision's ``LastLevelP6P7`` switches to P5 whenever
+  C5 already has 256 channels (PVT v2-b0), so ``LastLevelP6P7FromC5`` is used instead.
+* Mask R-CNN: C2-C5 into a 256-channel FPN, P6 by max-pool, RoIAlign 7 (boxes) and 14 (masks).
+
+Deliberate differences from mmdetection, each a named argument: ``fpn_channels`` (256),
+``anchor_sizes`` (mmdet's octave scales by default), ``min_size`` / ``max_size`` (torchvision's
+internal resize to (800, 1333) with padding to a multiple of 32), and torchvision's box coder and
+class-agnostic conventions in its heads.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.models import resnet
+from torchvision.models.detection import MaskRCNN, RetinaNet
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.retinanet import RetinaNetHead
+from torchvision.ops import FeaturePyramidNetwork
+from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, LastLevelMaxPool
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+from pvt.models import create_model, list_models
+
+RESNETS = ("resnet18", "resnet50", "resnet101")
+# mmdet's ImageNet normalisation in 0..1 units (the detectors' transform normalises).
+IMAGE_MEAN = [0.485, 0.456, 0.406]
+IMAGE_STD = [0.229, 0.224, 0.225]
+
+
+class LastLevelP6P7FromC5(ExtraFPNBlock):
+    """P6 = conv3x3/2(C5), P7 = conv3x3/2(relu(P6)), whatever C5's width (mmdet ``on_input``)."""
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__()
+        self.p6 = nn.Conv2d(in_channels, out_channels, 3, 2, 1)
+        self.p7 = nn.Conv2d(out_channels, out_channels, 3, 2, 1)
+        for m in (self.p6, self.p7):
+            nn.init.kaiming_uniform_(m.weight, a=1)
+            nn.init.zeros_(m.bias)
+
+    def forward(self, p: list[Tensor], c: list[Tensor], names: list[str]) -> tuple[list[Tensor], list[str]]:
+        p6 = self.p6(c[-1])
+        p7 = self.p7(F.relu(p6))
+        return [*p, p6, p7], [*names, "p6", "p7"]
+
+
+class BackboneFPN(nn.Module):
+    """A multi-scale body (dict of NCHW maps) and an FPN: the ``backbone`` torchvision detectors take.
+
+    ``[B, 3, H, W]`` -> ``OrderedDict`` of ``[B, out_channels, H/s, W/s]`` maps.
+    """
+
+    def __init__(self, body: nn.Module, in_channels: Sequence[int], out_channels: int, extra: ExtraFPNBlock) -> None:
+        super().__init__()
+        self.body = body
+        self.fpn = FeaturePyramidNetwork(list(in_channels), out_channels, extra_blocks=extra)
+        self.out_channels = out_channels
+
+    def forward(self, x: Tensor) -> OrderedDict[str, Tensor]:
+        feats = self.body(x)
+        return self.fpn(OrderedDict((str(i), f) for i, f in enumerate(feats)))
+
+
+class _ResNetBody(nn.Module):
+    """torchvision ResNet stages ``layer1..4`` returning the chosen ones as a list (frozen BN)."""
+
+    def __init__(self, name: str, stages: Sequence[int]) -> None:
+        super().__init__()
+        net = getattr(resnet, name)(weights=None, norm_layer=FrozenBatchNorm2d)
+        self.stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
+        self.layers = nn.ModuleList([net.layer1, net.layer2, net.layer3, net.layer4])
+        self.stages = tuple(stages)
+        widths = [64, 128, 256, 512] if name == "resnet18" else [256, 512, 1024, 2048]
+        self.channels = [widths[i] for i in self.stages]
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        x = self.stem(x)
+        out = []
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i in self.stages:
+                out.append(x)
+            if i >= max(self.stages):
+                break
+        return out
+
+
+def backbone_fpn(
+    backbone: str,
+    stages: Sequence[int],
+    *,
+    fpn_channels: int,
+    extra: str,
+    checkpoint: str | None = None,
+    drop_path_rate: float = 0.1,
+    freeze_stages: int = 0,
+) -> BackboneFPN:
+    """PVT (``features_only``) or ResNet body for the given stages (0 = stride 4) with an FPN.
+
+    ``extra``: ``"p6p7_c5"`` (RetinaNet) or ``"maxpool"`` (Mask R-CNN).
+    """
+    body: nn.Module
+    if backbone in RESNETS:
+        if checkpoint is not None:
+            raise ValueError("backbone_checkpoint is supported for PVT backbones; load ResNet weights yourself")
+        rn = _ResNetBody(backbone, stages)
+        body, channels = rn, rn.channels
+    elif backbone in list_models():
+        pvt = create_model(
+            backbone,
+            features_only=True,
+            out_indices=tuple(stages),
+            drop_path_rate=drop_path_rate,
+            checkpoint=checkpoint,
+        )
+        if freeze_stages:
+            pvt.freeze_stages(freeze_stages)
+        body, channels = pvt, pvt.feature_info.channels()
+    else:
+        raise ValueError(f"unknown backbone {backbone!r}; choose a PVT ({', '.join(list_models())}) or {RESNETS}")
+    block: ExtraFPNBlock = LastLevelP6P7FromC5(channels[-1], fpn_channels) if extra == "p6p7_c5" else LastLevelMaxPool()
+    return BackboneFPN(body, channels, fpn_channels, block)
+
+
+def mmdet_anchor_sizes(strides: Sequence[int], octave_base: int = 4, scales: int = 3) -> tuple[tuple[float, ...], ...]:
+    """RetinaNet anchors as in mmdet: ``octave_base * stride * 2^(k / scales)`` per level."""
+    return tuple(tuple(octave_base * s * 2 ** (k / scales) for k in range(scales)) for s in strides)
+
+
+def retinanet(
+    backbone: str = "pvt_small",
+    num_classes: int = 80,
+    *,
+    backbone_checkpoint: str | None = None,
+    drop_path_rate: float = 0.1,
+    freeze_stages: int = 0,
+    fpn_channels: int = 256,
+    anchor_sizes: Sequence[Sequence[float]] | None = None,
+    aspect_ratios: Sequence[float] = (0.5, 1.0, 2.0),
+    min_size: int | Sequence[int] = 800,
+    max_size: int = 1333,
+    **kwargs: object,
+) -> RetinaNet:
+    """RetinaNet (focal loss, 9 anchors per location) on C3-C5 + P6 (from C5) + P7.
+
+    ``num_classes`` counts object classes (80 for COCO); RetinaNet has no background class.
+    Extra ``kwargs`` go to torchvision's ``RetinaNet`` (score thresholds, detections per image...).
+    """
+    bb = backbone_fpn(
+        backbone,
+        (1, 2, 3),
+        fpn_channels=fpn_channels,
+        extra="p6p7_c5",
+        checkpoint=backbone_checkpoint,
+        drop_path_rate=drop_path_rate,
+        freeze_stages=freeze_stages,
+    )
+    sizes = tuple(tuple(s) for s in anchor_sizes) if anchor_sizes else mmdet_anchor_sizes((8, 16, 32, 64, 128))
+    anchors = AnchorGenerator(sizes, (tuple(aspect_ratios),) * len(sizes))
+    head = RetinaNetHead(fpn_channels, anchors.num_anchors_per_location()[0], num_classes)
+    model = RetinaNet(
+        bb,
+        num_classes,
+        min_size=min_size,
+        max_size=max_size,
+        image_mean=IMAGE_MEAN,
+        image_std=IMAGE_STD,
+        anchor_generator=anchors,
+        head=head,
+        **kwargs,
+    )
+    model.arch = f"retinanet_{backbone}"  # type: ignore[assignment]
+    return model
+
+
+def mask_rcnn(
+    backbone: str = "pvt_small",
+    num_classes: int = 80,
+    *,
+    backbone_checkpoint: str | None = None,
+    drop_path_rate: float = 0.1,
+    freeze_stages: int = 0,
+    fpn_channels: int = 256,
+    anchor_sizes: Sequence[Sequence[float]] | None = None,
+    aspect_ratios: Sequence[float] = (0.5, 1.0, 2.0),
+    min_size: int | Sequence[int] = 800,
+    max_size: int = 1333,
+    **kwargs: object,
+) -> MaskRCNN:
+    """Mask R-CNN on C2-C5 + P6 (max-pool), RoIAlign 7 for boxes and 14 for masks.
+
+    ``num_classes`` counts object classes (80 for COCO); the background class is added here.
+    """
+    bb = backbone_fpn(
+        backbone,
+        (0, 1, 2, 3),
+        fpn_channels=fpn_channels,
+        extra="maxpool",
+        checkpoint=backbone_checkpoint,
+        drop_path_rate=drop_path_rate,
+        freeze_stages=freeze_stages,
+    )
+    sizes = tuple(tuple(s) for s in anchor_sizes) if anchor_sizes else ((32,), (64,), (128,), (256,), (512,))
+    anchors = AnchorGenerator(sizes, (tuple(aspect_ratios),) * len(sizes))
+    model = MaskRCNN(
+        bb,
+        num_classes + 1,
+        min_size=min_size,
+        max_size=max_size,
+        image_mean=IMAGE_MEAN,
+        image_std=IMAGE_STD,
+        rpn_anchor_generator=anchors,
+        **kwargs,
+    )
+    model.arch = f"mask_rcnn_{backbone}"  # type: ignore[assignment]
+    return model
