@@ -45,6 +45,7 @@ class LastLevelP6P7FromC5(ExtraFPNBlock):
         self.p7 = nn.Conv2d(out_channels, out_channels, 3, 2, 1)
         for m in (self.p6, self.p7):
             nn.init.kaiming_uniform_(m.weight, a=1)
+            assert m.bias is not None
             nn.init.zeros_(m.bias)
 
     def forward(self, p: list[Tensor], c: list[Tensor], names: list[str]) -> tuple[list[Tensor], list[str]]:
