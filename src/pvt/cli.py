@@ -79,7 +79,7 @@ def _recipe(args: argparse.Namespace, task_name: str, default_preset: str | None
         overrides.append(f"model.name={args.model}")
     if ckpt:
         overrides.append(f"model.checkpoint={ckpt}")
-    return task, load_recipe(task_name, task.data_config, preset, overrides)
+    return task, load_recipe(task_name, task.data_config, preset, overrides, model_cls=task.model_config)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:

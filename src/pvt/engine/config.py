@@ -132,6 +132,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             except ConfigError as e:
                 errors.append(str(e))
         raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        _, vt = typing.get_args(tp) or (Any, Any)
+        return {str(k): _coerce(v, vt, f"{key}.{k}") for k, v in value.items()}
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
@@ -198,6 +203,7 @@ def load_recipe(
     data_cls: type,
     preset: dict[str, Any] | None = None,
     overrides: list[str] | None = None,
+    model_cls: type[ModelConfig] = ModelConfig,
 ) -> Recipe:
     """Defaults <- preset dict <- ``--set`` overrides, validated into a ``Recipe``."""
     raw: dict[str, Any] = {k: dict(v) for k, v in (preset or {}).items() if isinstance(v, dict)}
@@ -210,9 +216,8 @@ def load_recipe(
     unknown = sorted(set(raw) - {*ENGINE_SECTIONS, "data", "task"})
     if unknown:
         raise ConfigError(f"unknown section(s) {unknown}; valid: {[*ENGINE_SECTIONS, 'data']}")
-    sections: dict[str, Any] = {
-        name: build_section(cls, raw.get(name, {}), name) for name, cls in ENGINE_SECTIONS.items()
-    }
+    classes = {**ENGINE_SECTIONS, "model": model_cls}  # a task may extend the model section
+    sections: dict[str, Any] = {name: build_section(cls, raw.get(name, {}), name) for name, cls in classes.items()}
     data: Any = build_section(data_cls, raw.get("data", {}), "data")
     recipe = Recipe(task=task, data=data, **sections)
     validate(recipe)

@@ -26,7 +26,8 @@ class ResumableSampler(Sampler[tuple[int, int]]):
     """Yields ``(dataset index, sample seed)`` for this rank, from ``start`` within the epoch.
 
     ``repeats`` > 1 is repeated augmentation (each image ``repeats`` times per epoch, spread over
-    ranks, epoch length kept at ``ceil(N / world)`` per rank as in DeiT's sampler).
+    ranks, epoch length kept at ``ceil(N / world)`` per rank as in DeiT's sampler). ``groups``
+    (one id per sample) gives aspect-ratio grouped batches of ``batch_size``.
     """
 
     def __init__(
@@ -38,6 +39,8 @@ class ResumableSampler(Sampler[tuple[int, int]]):
         rank: int = 0,
         world_size: int = 1,
         repeats: int = 1,
+        groups: list[int] | None = None,
+        batch_size: int = 1,
     ) -> None:
         if size <= 0:
             raise ValueError("cannot sample from an empty dataset")
@@ -46,6 +49,7 @@ class ResumableSampler(Sampler[tuple[int, int]]):
         self.epoch = 0
         self.start = 0
         self.per_rank = math.ceil(size / world_size)
+        self.groups, self.batch_size = groups, batch_size
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         """Begin ``epoch`` at sample ``start`` of this rank's shard."""
@@ -61,7 +65,24 @@ class ResumableSampler(Sampler[tuple[int, int]]):
             order = [i for i in order for _ in range(self.repeats)]
         total = self.per_rank * self.world
         order = (order * math.ceil(total / len(order)))[:total] if len(order) < total else order
-        return order[self.rank : total : self.world][: self.per_rank]
+        mine = order[self.rank : total : self.world][: self.per_rank]
+        return self._grouped(mine) if self.groups is not None else mine
+
+    def _grouped(self, order: list[int]) -> list[int]:
+        """Reorder so that each run of ``batch_size`` samples shares a group (e.g. landscape vs
+        portrait images: less padding in a batch); deterministic, so resuming stays exact."""
+        assert self.groups is not None
+        out: list[int] = []
+        pending: dict[int, list[int]] = {}
+        for i in order:
+            bucket = pending.setdefault(self.groups[i], [])
+            bucket.append(i)
+            if len(bucket) == self.batch_size:
+                out += bucket
+                bucket.clear()
+        for bucket in pending.values():  # incomplete groups go last
+            out += bucket
+        return out
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         for pos, idx in enumerate(self._order()):

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from pvt.engine.config import Recipe
+from pvt.engine.config import ModelConfig, Recipe
 from pvt.engine.distributed import DistInfo
 
 
@@ -34,6 +34,7 @@ class Task(ABC):
 
     name: str
     data_config: type[LoaderConfig]
+    model_config: type[ModelConfig] = ModelConfig
     headline: tuple[str, ...]  # metrics copied to final.json (percent)
 
     @abstractmethod
@@ -60,6 +61,10 @@ class Task(ABC):
         autocast: Callable[[], Any],
     ) -> dict[str, float]:
         """Metrics over the whole evaluation set, reduced across ranks (percent where a ratio)."""
+
+    def group_ids(self, train_ds: Dataset[Any]) -> list[int] | None:
+        """Optional group per training sample; batches are then drawn within one group."""
+        return None
 
     def artifacts(self) -> dict[str, Any]:
         """What predictions need later about the training data (class names, ...): ``task.json``."""

@@ -116,7 +116,11 @@ class Trainer:
         dc: LoaderConfig = self.recipe.data
         rank, world, seed = self.dist.rank, self.dist.world_size, self.recipe.train.seed
         repeats = int(getattr(dc, "repeated_aug", 1))
-        self.sampler = ResumableSampler(len(train_ds), seed=seed, rank=rank, world_size=world, repeats=repeats)  # type: ignore[arg-type]
+        n = len(train_ds)  # type: ignore[arg-type]
+        groups = self.task.group_ids(train_ds)
+        self.sampler = ResumableSampler(
+            n, seed=seed, rank=rank, world_size=world, repeats=repeats, groups=groups, batch_size=dc.batch_size
+        )
         self.train_loader = DataLoader(
             SeededDataset(train_ds),
             batch_size=dc.batch_size,

@@ -11,7 +11,11 @@ def get_task(name: str) -> Task:
         from pvt.tasks.classification import ClassificationTask
 
         return ClassificationTask()
+    if name == "detection":
+        from pvt.tasks.detection.task import DetectionTask
+
+        return DetectionTask()
     raise ValueError(f"unknown task {name!r}; available: {', '.join(TASKS)}")
 
 
-TASKS = ("classification",)
+TASKS = ("classification", "detection")

@@ -13,9 +13,9 @@ from typing import Any
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
+from pvt.datasets.files import IMAGE_EXTENSIONS, cache_dir
 from pvt.engine.task import LoaderConfig
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -51,22 +51,6 @@ class ClassificationData(LoaderConfig):
     smoothing: float = 0.1
     repeated_aug: int = 3  # repeats per image per epoch (1: off)
     skip_bad: bool = False  # verify every image first and skip unreadable ones with a warning
-
-
-def expand_inputs(inputs: list[str]) -> list[str]:
-    """Image files from a list of files and folders (folders searched recursively, sorted)."""
-    out: list[str] = []
-    for item in inputs:
-        p = Path(item)
-        if p.is_dir():
-            out += sorted(str(f) for f in p.rglob("*") if f.suffix.lower() in IMAGE_EXTENSIONS)
-        elif p.is_file():
-            out.append(str(p))
-        else:
-            raise DataError(f"{p}: no such image file or folder")
-    if not out:
-        raise DataError(f"no images found in {inputs}")
-    return out
 
 
 def load_image(path: str) -> Image.Image:
@@ -174,10 +158,6 @@ def build_transforms(cfg: ClassificationData, *, train: bool) -> Any:
         mean=cfg.mean,
         std=cfg.std,
     )
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("PVT_CACHE", Path.home() / ".cache" / "pvt-vision"))
 
 
 def export_digits(root: Path | None = None) -> Path:

@@ -14,6 +14,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from pvt.checkpoint.io import atomic_write
+from pvt.datasets.files import expand_inputs
 from pvt.engine.config import Recipe
 from pvt.engine.distributed import DistInfo, all_reduce_sum
 from pvt.engine.task import Task
@@ -22,7 +23,6 @@ from pvt.tasks.classification.data import (
     ClassificationData,
     build_datasets,
     build_transforms,
-    expand_inputs,
     load_image,
 )
 

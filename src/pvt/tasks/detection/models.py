@@ -132,7 +132,9 @@ def backbone_fpn(
     return BackboneFPN(body, channels, fpn_channels, block)
 
 
-def mmdet_anchor_sizes(strides: Sequence[int], octave_base: int = 4, scales: int = 3) -> tuple[tuple[float, ...], ...]:
+def mmdet_anchor_sizes(
+    strides: Sequence[int], octave_base: float = 4, scales: int = 3
+) -> tuple[tuple[float, ...], ...]:
     """RetinaNet anchors as in mmdet: ``octave_base * stride * 2^(k / scales)`` per level."""
     return tuple(tuple(octave_base * s * 2 ** (k / scales) for k in range(scales)) for s in strides)
 

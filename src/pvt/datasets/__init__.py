@@ -1,0 +1,1 @@
+"""Embedded datasets the presets use as their default data."""

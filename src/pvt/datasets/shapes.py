@@ -1,0 +1,174 @@
+"""Synthetic scenes: a deterministic COCO-format detection / instance / semantic segmentation set.
+
+Shapes of several classes on textured backgrounds, a range of sizes, overlapping so that later
+shapes occlude earlier ones. Written once to a cache folder in the standard COCO layout::
+
+    ROOT/annotations/instances_{train,val}2017.json   boxes, RLE masks, areas
+    ROOT/{train,val}2017/000000.png                    RGB images
+    ROOT/semantic_{train,val}2017/000000.png           label maps (0 background, k = category k)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter
+
+from pvt.datasets.files import cache_dir
+
+CLASSES = ("circle", "square", "triangle", "star")
+VERSION = 3
+
+
+@dataclass(frozen=True)
+class ShapesSpec:
+    """What to generate; the cache folder name encodes it, so a change regenerates."""
+
+    image_size: int = 256
+    train_images: int = 800
+    val_images: int = 150
+    min_objects: int = 1
+    max_objects: int = 6
+    min_size: int = 16  # object extent in pixels
+    max_size: int = 100
+    seed: int = 0
+
+    def folder_name(self) -> str:
+        return (
+            f"shapes-v{VERSION}-{self.image_size}px-{self.train_images}+{self.val_images}"
+            f"-{self.min_size}to{self.max_size}-s{self.seed}"
+        )
+
+
+def _polygon(kind: str, cx: float, cy: float, r: float, angle: float) -> list[tuple[float, float]]:
+    if kind == "square":
+        n, radii = 4, [r]
+    elif kind == "triangle":
+        n, radii = 3, [r]
+    else:  # star: alternate outer and inner radius
+        n, radii = 10, [r, r * 0.45]
+    return [
+        (
+            cx + radii[i % len(radii)] * math.cos(angle + 2 * math.pi * i / n),
+            cy + radii[i % len(radii)] * math.sin(angle + 2 * math.pi * i / n),
+        )
+        for i in range(n)
+    ]
+
+
+def _background(rng: np.random.Generator, size: int) -> np.ndarray:
+    """Smooth colour noise plus faint stripes: texture, so that detection is not thresholding."""
+    coarse = rng.uniform(0, 255, (8, 8, 3)).astype(np.uint8)
+    base = np.asarray(Image.fromarray(coarse).resize((size, size), Image.Resampling.BICUBIC), dtype=np.float32)
+    yy, xx = np.mgrid[0:size, 0:size]
+    theta, freq = rng.uniform(0, math.pi), rng.uniform(0.05, 0.3)
+    stripes = 14 * np.sin(freq * (xx * math.cos(theta) + yy * math.sin(theta)))[..., None]
+    noise = rng.normal(0, 8, (size, size, 3))
+    gray = base.mean(axis=2, keepdims=True)
+    base = gray + 0.35 * (base - gray)  # muted colours: shapes stand out, textures remain
+    return np.clip(base * 0.6 + 50 + stripes + noise, 0, 255).astype(np.uint8)
+
+
+def render_scene(rng: np.random.Generator, spec: ShapesSpec) -> tuple[np.ndarray, list[dict[str, Any]]]:
+    """One image ``[H, W, 3]`` uint8 and its objects (class index, visible mask) after occlusion."""
+    size = spec.image_size
+    image = Image.fromarray(_background(rng, size))
+    objects: list[dict[str, Any]] = []
+    for _ in range(int(rng.integers(spec.min_objects, spec.max_objects + 1))):
+        cls = int(rng.integers(len(CLASSES)))
+        extent = float(np.exp(rng.uniform(math.log(spec.min_size), math.log(spec.max_size))))
+        r = extent / 2
+        cx, cy = rng.uniform(r * 0.5, size - r * 0.5, 2)
+        mask_img = Image.new("L", (size, size), 0)
+        draw = ImageDraw.Draw(mask_img)
+        if CLASSES[cls] == "circle":
+            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=255)
+        else:
+            draw.polygon(_polygon(CLASSES[cls], cx, cy, r, rng.uniform(0, 2 * math.pi)), fill=255)
+        mask = np.asarray(mask_img) > 127
+        if mask.sum() < 16:
+            continue
+        colour = tuple(int(c) for c in rng.integers(0, 256, 3))
+        shade = Image.new("RGB", (size, size), colour)
+        image.paste(shade, mask=Image.fromarray((mask * 255).astype(np.uint8)))
+        for o in objects:  # the new shape hides what it covers
+            o["mask"] &= ~mask
+        objects.append({"category": cls, "mask": mask})
+    image = image.filter(ImageFilter.GaussianBlur(0.6))
+    visible = [o for o in objects if o["mask"].sum() >= 16]
+    return np.asarray(image), visible
+
+
+def _annotation(obj: dict[str, Any], ann_id: int, image_id: int) -> dict[str, Any]:
+    from pycocotools import mask as mask_utils
+
+    m = obj["mask"]
+    ys, xs = np.nonzero(m)
+    x0, y0, x1, y1 = xs.min(), ys.min(), xs.max() + 1, ys.max() + 1
+    rle = mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))
+    rle["counts"] = rle["counts"].decode("ascii")
+    return {
+        "id": ann_id,
+        "image_id": image_id,
+        "category_id": obj["category"] + 1,
+        "bbox": [float(x0), float(y0), float(x1 - x0), float(y1 - y0)],
+        "area": float(m.sum()),
+        "segmentation": rle,
+        "iscrowd": 0,
+    }
+
+
+def _write_split(root: Path, split: str, count: int, spec: ShapesSpec, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    img_dir, sem_dir = root / f"{split}2017", root / f"semantic_{split}2017"
+    img_dir.mkdir(parents=True)
+    sem_dir.mkdir(parents=True)
+    images: list[dict[str, Any]] = []
+    annotations: list[dict[str, Any]] = []
+    for i in range(count):
+        pixels, objects = render_scene(rng, spec)
+        name = f"{i:06d}.png"
+        Image.fromarray(pixels).save(img_dir / name)
+        semantic = np.zeros(pixels.shape[:2], np.uint8)
+        for o in objects:
+            semantic[o["mask"]] = o["category"] + 1
+        Image.fromarray(semantic).save(sem_dir / name)
+        images.append({"id": i + 1, "file_name": name, "height": spec.image_size, "width": spec.image_size})
+        first = len(annotations) + 1
+        annotations += [_annotation(o, first + k, i + 1) for k, o in enumerate(objects)]
+    coco = {
+        "info": {"description": f"pvt-vision synthetic shapes v{VERSION}", "version": str(VERSION)},
+        "images": images,
+        "annotations": annotations,
+        "categories": [{"id": k + 1, "name": name, "supercategory": "shape"} for k, name in enumerate(CLASSES)],
+    }
+    (root / "annotations").mkdir(exist_ok=True)
+    (root / "annotations" / f"instances_{split}2017.json").write_text(json.dumps(coco))
+
+
+def export_shapes(spec: ShapesSpec | None = None, root: Path | None = None) -> Path:
+    """Generate the dataset once (atomically) and return its root; later calls reuse it."""
+    spec = spec or ShapesSpec()
+    if root is None:
+        root = cache_dir() / spec.folder_name()
+    if (root / "annotations" / "instances_val2017.json").is_file():
+        return root
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".shapes-", dir=root.parent))
+    try:
+        _write_split(tmp, "train", spec.train_images, spec, spec.seed)
+        _write_split(tmp, "val", spec.val_images, spec, spec.seed + 1_000_003)
+        if not (root / "annotations" / "instances_val2017.json").is_file():
+            shutil.rmtree(root, ignore_errors=True)
+            os.replace(tmp, root)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return root

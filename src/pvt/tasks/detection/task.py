@@ -1,0 +1,200 @@
+"""Detection and instance segmentation on the engine: RetinaNet / Mask R-CNN, COCO data and AP."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from pvt.checkpoint.io import atomic_write
+from pvt.engine.config import ModelConfig, Recipe
+from pvt.engine.distributed import DistInfo, gather_objects
+from pvt.engine.task import Task
+from pvt.tasks.detection.data import CocoDetection, DetectionData, coco_paths, collate
+from pvt.tasks.detection.evaluate import STAT_NAMES, coco_evaluate, to_coco_results
+from pvt.tasks.detection.models import mask_rcnn, mmdet_anchor_sizes, retinanet
+
+
+@dataclass
+class DetectionModel(ModelConfig):
+    """The ``model`` section of a detection recipe. ``name`` is the backbone; ``checkpoint`` is a
+    whole detector's weights (a run's ``model.safetensors``), ``backbone_checkpoint`` a backbone's."""
+
+    name: str = "pvt_small"
+    num_classes: int = 80
+    detector: str = "retinanet"  # retinanet | mask_rcnn
+    backbone_checkpoint: str | None = None
+    fpn_channels: int = 256
+    anchor_base: float = 4.0  # RetinaNet: octave base scale (mmdet 4); Mask R-CNN: P2 anchor = 8 x this
+    min_size: list[int] = field(default_factory=lambda: [800])  # several: multi-scale training
+    max_size: int = 1333
+    score_thresh: float = 0.05
+    detections_per_img: int = 100
+
+
+def build_detector(m: DetectionModel) -> nn.Module:
+    common: dict[str, Any] = dict(
+        num_classes=m.num_classes,
+        backbone_checkpoint=m.backbone_checkpoint,
+        drop_path_rate=m.drop_path_rate,
+        freeze_stages=m.freeze_stages,
+        fpn_channels=m.fpn_channels,
+        min_size=tuple(m.min_size),
+        max_size=m.max_size,
+    )
+    if m.detector == "retinanet":
+        sizes = mmdet_anchor_sizes((8, 16, 32, 64, 128), octave_base=m.anchor_base)
+        return retinanet(
+            m.name, anchor_sizes=sizes, score_thresh=m.score_thresh, detections_per_img=m.detections_per_img, **common
+        )
+    if m.detector == "mask_rcnn":
+        sizes = tuple((8 * m.anchor_base * 2**i,) for i in range(5))
+        return mask_rcnn(
+            m.name,
+            anchor_sizes=sizes,
+            box_score_thresh=m.score_thresh,
+            box_detections_per_img=m.detections_per_img,
+            **common,
+        )
+    raise ValueError(f"model.detector={m.detector!r}: expected retinanet or mask_rcnn")
+
+
+def save_png(picture: Any, path: Path) -> None:
+    atomic_write(path, lambda tmp: picture.save(tmp, "PNG"))
+
+
+class DetectionTask(Task):
+    name = "detection"
+    data_config = DetectionData
+    model_config = DetectionModel
+    headline = ("bbox_ap", "bbox_ap50", "segm_ap")
+
+    def build_model(self, recipe: Recipe) -> nn.Module:
+        m = recipe.model
+        assert isinstance(m, DetectionModel)
+        self._masks = m.detector == "mask_rcnn"
+        self._offset = 1 if self._masks else 0  # Mask R-CNN's label 0 is background
+        model = build_detector(m)
+        if m.checkpoint:
+            from pvt.checkpoint import read_checkpoint
+
+            sd, _ = read_checkpoint(m.checkpoint)
+            missing, unexpected = model.load_state_dict(sd, strict=False)
+            if missing or unexpected:
+                raise ValueError(
+                    f"{m.checkpoint}: not a {m.detector} on {m.name} with {m.num_classes} classes "
+                    f"({len(missing)} missing, {len(unexpected)} unexpected tensors, e.g. "
+                    f"{(missing or unexpected)[:3]}); for backbone weights use model.backbone_checkpoint"
+                )
+        return model
+
+    def build_datasets(self, recipe: Recipe, *, train: bool = True) -> tuple[Dataset[Any] | None, Dataset[Any]]:
+        d: DetectionData = recipe.data
+        masks = getattr(recipe.model, "detector", "") == "mask_rcnn"
+        offset = 1 if masks else 0
+        kw = dict(masks=masks, label_offset=offset, hflip=d.hflip, drop_invalid=d.drop_invalid)
+        train_ds = CocoDetection(*coco_paths(d, "train"), train=True, **kw) if train else None  # type: ignore[arg-type]
+        val_ds = CocoDetection(*coco_paths(d, "val"), train=False, **kw)  # type: ignore[arg-type]
+        if len(val_ds.cat_ids) > recipe.model.num_classes:
+            raise ValueError(
+                f"the data has {len(val_ds.cat_ids)} categories but model.num_classes={recipe.model.num_classes}"
+            )
+        self._val = val_ds
+        return train_ds, val_ds
+
+    def group_ids(self, train_ds: Dataset[Any]) -> list[int] | None:
+        """Aspect-ratio grouping (landscape / portrait), as mmdetection and torchvision do."""
+        assert isinstance(train_ds, CocoDetection)
+        return [int(im["width"] >= im["height"]) for im in (train_ds.images[i] for i in train_ds.ids)]
+
+    def collate(self, batch: list[Any]) -> Any:
+        return collate(batch)
+
+    def loss(self, model: nn.Module, batch: Any, device: torch.device) -> torch.Tensor:
+        images, targets = batch
+        images = [im.to(device, non_blocking=True) for im in images]
+        targets = [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets]
+        losses = model(images, targets)
+        return sum(losses.values())  # type: ignore[return-value]
+
+    def evaluate(
+        self,
+        model: nn.Module,
+        batches: Iterable[Any],
+        device: torch.device,
+        dist: DistInfo,
+        autocast: Callable[[], Any],
+    ) -> dict[str, float]:
+        results: list[dict[str, Any]] = []
+        for images, targets in batches:
+            with autocast():
+                outputs = model([im.to(device) for im in images])
+            ids = [t["image_id"] for t in targets]
+            results += to_coco_results(outputs, ids, self._val.label_to_cat, masks=self._masks)
+        gathered = gather_objects(results, dist)
+        if not dist.is_main:
+            return {}
+        merged = [r for part in gathered for r in part]  # type: ignore[attr-defined]
+        types = ("bbox", "segm") if self._masks else ("bbox",)
+        metrics, text = coco_evaluate(self._val.ann_file, merged, types)
+        print(text, file=sys.stderr)
+        return metrics
+
+    def artifacts(self) -> dict[str, Any]:
+        val = getattr(self, "_val", None)
+        if val is None:
+            return {}
+        return {"classes": val.class_names, "category_ids": val.cat_ids, "label_offset": self._offset}
+
+    def predict(
+        self, model: nn.Module, recipe: Recipe, inputs: list[str], artifacts: dict[str, Any], out_dir: str | None
+    ) -> list[dict[str, Any]]:
+        """COCO-format results per image; with ``out_dir``, ``results.json`` and annotated PNGs."""
+        from PIL import Image
+        from torchvision.transforms import v2
+        from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
+
+        from pvt.datasets.files import expand_inputs
+
+        classes = artifacts.get("classes") or []
+        cat_ids = artifacts.get("category_ids") or list(range(1, recipe.model.num_classes + 1))
+        detector = getattr(recipe.model, "detector", "")
+        offset = int(artifacts.get("label_offset", 1 if detector == "mask_rcnn" else 0))
+        label_to_cat = {i + offset: c for i, c in enumerate(cat_ids)}
+        names = {i + offset: (classes[i] if i < len(classes) else str(c)) for i, c in enumerate(cat_ids)}
+        out = Path(out_dir) if out_dir else None
+        records: list[dict[str, Any]] = []
+        model.eval()
+        for i, path in enumerate(expand_inputs(inputs)):
+            with Image.open(path) as im:
+                pil = im.convert("RGB")
+            image = v2.functional.to_dtype(v2.functional.to_image(pil), torch.float32, scale=True)
+            with torch.inference_mode():
+                pred = model([image])[0]
+            dets = to_coco_results([pred], [i + 1], label_to_cat, masks="masks" in pred)
+            for d in dets:
+                d["file_name"] = path
+            records.append({"image": path, "detections": len(dets), "results": dets})
+            if out is not None:
+                keep = pred["scores"] >= 0.3
+                canvas = (image * 255).to(torch.uint8)
+                if "masks" in pred and keep.any():
+                    canvas = draw_segmentation_masks(canvas, pred["masks"][keep, 0] > 0.5, alpha=0.4)
+                labels = [f"{names.get(int(lbl), lbl)} {s:.2f}" for lbl, s in
+                          zip(pred["labels"][keep].tolist(), pred["scores"][keep].tolist(), strict=True)]  # fmt: skip
+                canvas = draw_bounding_boxes(canvas, pred["boxes"][keep], labels=labels, colors="yellow", width=2)
+                save_png(Image.fromarray(canvas.permute(1, 2, 0).numpy()), out / f"{Path(path).stem}_pred.png")
+        if out is not None:
+            text = json.dumps([d for r in records for d in r["results"]], indent=1) + "\n"
+            atomic_write(out / "results.json", lambda tmp: Path(tmp).write_text(text))
+        return records
+
+
+__all__ = ["STAT_NAMES", "DetectionModel", "DetectionTask", "build_detector"]
