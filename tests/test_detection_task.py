@@ -14,14 +14,16 @@ TINY = "data.shapes={image_size: 64, train_images: 8, val_images: 4, min_size: 1
 
 
 @pytest.fixture(autouse=True)
-def _cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("PVT_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+def cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    root = tmp_path_factory.getbasetemp() / "cache"
+    monkeypatch.setenv("PVT_CACHE", str(root))
+    return root
 
 
 @pytest.mark.parametrize(("preset", "headline"), [("shapes-retinanet", {"bbox_ap", "bbox_ap50"}),
                                                   ("shapes-mask-rcnn", {"bbox_ap", "segm_ap"})])  # fmt: skip
 def test_short_training_run_eval_and_predict(
-    preset: str, headline: set[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    preset: str, headline: set[str], tmp_path: Path, cache: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     run = tmp_path / "run"
     sets = [TINY, "model.fpn_channels=32", "model.min_size=[64]", "model.max_size=64", "schedule.iterations=2",
@@ -39,7 +41,7 @@ def test_short_training_run_eval_and_predict(
     evaluated = json.loads(capsys.readouterr().out)
     assert evaluated["bbox_ap"] == pytest.approx(final["bbox_ap"], abs=1e-3)
 
-    image = next((tmp_path.parent.parent / "cache").rglob("val2017/000000.png"))
+    image = next(cache.rglob("val2017/000000.png"))
     out = tmp_path / "pred"
     sets = ["--set", "model.score_thresh=0.0"]
     assert cli_main(["predict", "detection", "--checkpoint", str(run / "model.safetensors"), "--out", str(out),

@@ -62,8 +62,9 @@ def coco_evaluate(
     with contextlib.redirect_stdout(text):
         gt = COCO(str(ann_file))
         for iou_type in iou_types:
-            if not results:
+            if not results:  # nothing detected: every number is 0 (loadRes refuses an empty list)
                 metrics.update({f"{iou_type}_{k}": 0.0 for k in STAT_NAMES})
+                metrics.update({f"{iou_type}_ap/{c['name']}": 0.0 for c in gt.cats.values()})
                 continue
             dt = gt.loadRes(results)
             ev = COCOeval(gt, dt, iou_type)

@@ -37,6 +37,8 @@ class DetectionModel(ModelConfig):
     max_size: int = 1333
     score_thresh: float = 0.05
     detections_per_img: int = 100
+    roi_batch: int = 512  # Mask R-CNN: sampled RoIs per image for the box/mask heads (mmdet 512)
+    rpn_proposals: int = 2000  # Mask R-CNN: proposals kept after NMS in training (mmdet 1000 per level)
 
 
 def build_detector(m: DetectionModel) -> nn.Module:
@@ -61,6 +63,9 @@ def build_detector(m: DetectionModel) -> nn.Module:
             anchor_sizes=sizes,
             box_score_thresh=m.score_thresh,
             box_detections_per_img=m.detections_per_img,
+            box_batch_size_per_image=m.roi_batch,
+            rpn_pre_nms_top_n_train=m.rpn_proposals,
+            rpn_post_nms_top_n_train=m.rpn_proposals,
             **common,
         )
     raise ValueError(f"model.detector={m.detector!r}: expected retinanet or mask_rcnn")
