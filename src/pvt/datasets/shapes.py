@@ -25,7 +25,7 @@ from PIL import Image, ImageDraw, ImageFilter
 from pvt.datasets.files import cache_dir
 
 CLASSES = ("circle", "square", "triangle", "star")
-VERSION = 3
+VERSION = 4
 
 
 @dataclass(frozen=True)
@@ -73,8 +73,8 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     stripes = 14 * np.sin(freq * (xx * math.cos(theta) + yy * math.sin(theta)))[..., None]
     noise = rng.normal(0, 8, (size, size, 3))
     gray = base.mean(axis=2, keepdims=True)
-    base = gray + 0.35 * (base - gray)  # muted colours: shapes stand out, textures remain
-    return np.clip(base * 0.6 + 50 + stripes + noise, 0, 255).astype(np.uint8)
+    base = gray + 0.3 * (base - gray)  # muted colours: shapes stand out, textures remain
+    return np.clip(base * 0.45 + 70 + stripes + noise, 0, 255).astype(np.uint8)
 
 
 def render_scene(rng: np.random.Generator, spec: ShapesSpec) -> tuple[np.ndarray, list[dict[str, Any]]]:
@@ -96,7 +96,10 @@ def render_scene(rng: np.random.Generator, spec: ShapesSpec) -> tuple[np.ndarray
         mask = np.asarray(mask_img) > 127
         if mask.sum() < 16:
             continue
-        colour = tuple(int(c) for c in rng.integers(0, 256, 3))
+        hue = Image.new(
+            "HSV", (1, 1), (int(rng.integers(256)), int(rng.integers(150, 256)), int(rng.integers(90, 256)))
+        )
+        colour = hue.convert("RGB").getpixel((0, 0))  # saturated: shapes differ from the muted texture
         shade = Image.new("RGB", (size, size), colour)
         image.paste(shade, mask=Image.fromarray((mask * 255).astype(np.uint8)))
         for o in objects:  # the new shape hides what it covers

@@ -17,12 +17,15 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Sequence
+from functools import partial
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models import resnet
 from torchvision.models.detection import MaskRCNN, RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, LastLevelMaxPool
@@ -151,6 +154,7 @@ def retinanet(
     aspect_ratios: Sequence[float] = (0.5, 1.0, 2.0),
     min_size: int | Sequence[int] = 800,
     max_size: int = 1333,
+    head_norm: bool = False,
     **kwargs: object,
 ) -> RetinaNet:
     """RetinaNet (focal loss, 9 anchors per location) on C3-C5 + P6 (from C5) + P7.
@@ -169,7 +173,10 @@ def retinanet(
     )
     sizes = tuple(tuple(s) for s in anchor_sizes) if anchor_sizes else mmdet_anchor_sizes((8, 16, 32, 64, 128))
     anchors = AnchorGenerator(sizes, (tuple(aspect_ratios),) * len(sizes))
-    head = RetinaNetHead(fpn_channels, anchors.num_anchors_per_location()[0], num_classes)
+    # GroupNorm in the head (torchvision's RetinaNet v2) trains much faster from scratch; the
+    # papers' head has none, so it is off by default.
+    norm = partial(nn.GroupNorm, min(32, fpn_channels // 4)) if head_norm else None
+    head = RetinaNetHead(fpn_channels, anchors.num_anchors_per_location()[0], num_classes, norm_layer=norm)
     model = RetinaNet(
         bb,
         num_classes,
@@ -197,11 +204,13 @@ def mask_rcnn(
     aspect_ratios: Sequence[float] = (0.5, 1.0, 2.0),
     min_size: int | Sequence[int] = 800,
     max_size: int = 1333,
+    head_width: int | None = None,
     **kwargs: object,
 ) -> MaskRCNN:
     """Mask R-CNN on C2-C5 + P6 (max-pool), RoIAlign 7 for boxes and 14 for masks.
 
     ``num_classes`` counts object classes (80 for COCO); the background class is added here.
+    ``head_width`` narrows the RoI heads (box MLP and mask convs; the papers' are 1024 / 256).
     """
     bb = backbone_fpn(
         backbone,
@@ -214,9 +223,19 @@ def mask_rcnn(
     )
     sizes = tuple(tuple(s) for s in anchor_sizes) if anchor_sizes else ((32,), (64,), (128,), (256,), (512,))
     anchors = AnchorGenerator(sizes, (tuple(aspect_ratios),) * len(sizes))
+    if head_width is not None:
+        kwargs.update(
+            box_head=TwoMLPHead(fpn_channels * 7 * 7, head_width),
+            box_predictor=FastRCNNPredictor(head_width, num_classes + 1),
+            mask_head=MaskRCNNHeads(fpn_channels, [head_width] * 4, 1),
+            mask_predictor=MaskRCNNPredictor(head_width, head_width, num_classes + 1),
+        )
+        num_for_model: int | None = None  # the predictors fix the class count
+    else:
+        num_for_model = num_classes + 1
     model = MaskRCNN(
         bb,
-        num_classes + 1,
+        num_for_model,
         min_size=min_size,
         max_size=max_size,
         image_mean=IMAGE_MEAN,

@@ -37,6 +37,8 @@ class DetectionModel(ModelConfig):
     max_size: int = 1333
     score_thresh: float = 0.05
     detections_per_img: int = 100
+    head_norm: bool = False  # RetinaNet: GroupNorm in the head (not in the papers; helps from scratch)
+    head_width: int | None = None  # Mask R-CNN: narrower RoI heads (None: 1024-d box MLP, 256-ch mask convs)
     roi_batch: int = 512  # Mask R-CNN: sampled RoIs per image for the box/mask heads (mmdet 512)
     rpn_proposals: int = 2000  # Mask R-CNN: proposals kept after NMS in training (mmdet 1000 per level)
 
@@ -54,7 +56,12 @@ def build_detector(m: DetectionModel) -> nn.Module:
     if m.detector == "retinanet":
         sizes = mmdet_anchor_sizes((8, 16, 32, 64, 128), octave_base=m.anchor_base)
         return retinanet(
-            m.name, anchor_sizes=sizes, score_thresh=m.score_thresh, detections_per_img=m.detections_per_img, **common
+            m.name,
+            anchor_sizes=sizes,
+            head_norm=m.head_norm,
+            score_thresh=m.score_thresh,
+            detections_per_img=m.detections_per_img,
+            **common,
         )
     if m.detector == "mask_rcnn":
         sizes = tuple((8 * m.anchor_base * 2**i,) for i in range(5))
@@ -64,11 +71,21 @@ def build_detector(m: DetectionModel) -> nn.Module:
             box_score_thresh=m.score_thresh,
             box_detections_per_img=m.detections_per_img,
             box_batch_size_per_image=m.roi_batch,
+            head_width=m.head_width,
             rpn_pre_nms_top_n_train=m.rpn_proposals,
             rpn_post_nms_top_n_train=m.rpn_proposals,
             **common,
         )
     raise ValueError(f"model.detector={m.detector!r}: expected retinanet or mask_rcnn")
+
+
+def per_class_table(metrics: dict[str, float], types: tuple[str, ...]) -> str:
+    """Markdown table of per-class AP (percent), one column per IoU type."""
+    classes = [k.split("/", 1)[1] for k in metrics if k.startswith(f"{types[0]}_ap/")]
+    lines = ["| class | " + " | ".join(f"{t} AP" for t in types) + " |", "|---" * (len(types) + 1) + "|"]
+    for c in classes:
+        lines.append(f"| {c} | " + " | ".join(f"{metrics.get(f'{t}_ap/{c}', 0.0):.1f}" for t in types) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def save_png(picture: Any, path: Path) -> None:
@@ -149,7 +166,7 @@ class DetectionTask(Task):
         merged = [r for part in gathered for r in part]  # type: ignore[attr-defined]
         types = ("bbox", "segm") if self._masks else ("bbox",)
         metrics, text = coco_evaluate(self._val.ann_file, merged, types)
-        print(text, file=sys.stderr)
+        print(text + per_class_table(metrics, types), file=sys.stderr)
         return metrics
 
     def artifacts(self) -> dict[str, Any]:

@@ -24,7 +24,7 @@ def draw(image: torch.Tensor, boxes: torch.Tensor, names: list[str], masks: torc
 
 @torch.inference_mode()
 def predictions_vs_truth(
-    model: nn.Module, dataset: CocoDetection, out: str | Path, *, count: int = 6, score: float = 0.4
+    model: nn.Module, dataset: CocoDetection, out: str | Path, *, count: int = 6, score: float = 0.3
 ) -> Path:
     """A PNG with one row per validation image: ground truth (green) left, predictions (yellow) right."""
     model.eval()
