@@ -26,7 +26,7 @@ from pvt.checkpoint.io import atomic_write, save_safetensors
 from pvt.engine import state as ckpt
 from pvt.engine.config import Recipe
 from pvt.engine.data import ResumableSampler, SeededDataset
-from pvt.engine.distributed import DistInfo, all_reduce_sum, barrier, cleanup, init_distributed
+from pvt.engine.distributed import DistInfo, all_reduce_sum, barrier, cleanup, gather_objects, init_distributed
 from pvt.engine.optim import Schedule, build_optimizer, scaled_lr
 from pvt.engine.task import LoaderConfig, Task
 
@@ -204,8 +204,6 @@ class Trainer:
         # rank 0's file is the run's checkpoint and each rank restores its own stream on resume.
         state = self._state(epoch, position)
         if self.dist.enabled:
-            from pvt.engine.distributed import gather_objects
-
             state["rng_all"] = gather_objects(state["rng"], self.dist)
         if self.dist.is_main:
             ckpt.save_state(ckpt.checkpoint_path(self.run_dir, self.schedule.iteration), state)
