@@ -1,4 +1,5 @@
-"""Run by test_classification.py under torchrun: train a few steps, dump this rank's weights."""
+"""Run under torchrun by the tests: ``ddp_worker.py OUT TASK PRESET [--set overrides...]`` trains a few
+steps and dumps this rank's weights."""
 
 from __future__ import annotations
 
@@ -14,8 +15,9 @@ from pvt.engine.presets import load_preset
 from pvt.tasks import get_task
 
 out = Path(sys.argv[1])
-task = get_task("classification")
-recipe = load_recipe("classification", task.data_config, load_preset("classification", "digits"), sys.argv[2:])
+name, preset = sys.argv[2], sys.argv[3]
+task = get_task(name)
+recipe = load_recipe(name, task.data_config, load_preset(name, preset), sys.argv[4:], model_cls=task.model_config)
 trainer = Trainer(task, recipe, out / "run")
 trainer.fit()
 rank = int(os.environ["RANK"])

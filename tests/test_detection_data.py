@@ -87,6 +87,28 @@ def test_horizontal_flip_moves_boxes_and_masks_together(tmp_path: Path) -> None:
     assert xs.min() >= 27 and xs.max() <= 38
 
 
+def test_crop_policy_keeps_boxes_masks_and_labels_consistent(tmp_path: Path) -> None:
+    """The 3x recipe's resize-then-crop: short side 60, crops of 20-40 px; boxes that fall outside
+    the crop go with their labels and masks, the rest stay inside the crop and cover their mask."""
+    ds = CocoDetection(
+        *_fixture(tmp_path, GOOD), train=True, masks=True, hflip=0.0, crop=1.0, crop_resize=(60,), crop_size=(20, 40)
+    )
+    sizes, counts = set(), set()
+    for seed in range(40):
+        torch.manual_seed(seed)
+        image, t = ds[0]
+        h, w = image.shape[-2:]
+        assert 20 <= h <= 40 and 20 <= w <= 40 and t["masks"].shape[-2:] == (h, w)
+        assert len(t["boxes"]) == len(t["labels"]) == len(t["masks"])
+        for box, mask in zip(t["boxes"], t["masks"], strict=True):
+            assert 0 <= box[0] < box[2] <= w and 0 <= box[1] < box[3] <= h
+            ys, xs = torch.nonzero(mask, as_tuple=True)
+            assert xs.min() >= box[0] - 1 and xs.max() <= box[2] and ys.min() >= box[1] - 1 and ys.max() <= box[3]
+        sizes.add((h, w))
+        counts.add(len(t["boxes"]))
+    assert len(sizes) > 5 and counts == {0, 1}  # crops vary; the object is sometimes cut away
+
+
 @pytest.mark.parametrize(
     ("bad", "message"),
     [

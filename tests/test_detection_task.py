@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -27,7 +30,8 @@ def test_short_training_run_eval_and_predict(
 ) -> None:
     run = tmp_path / "run"
     sets = [TINY, "model.fpn_channels=32", "model.min_size=[64]", "model.max_size=64", "schedule.iterations=2",
-            "schedule.warmup_iters=1", "data.batch_size=4", "train.progress=false", "train.log_every=1"]  # fmt: skip
+            "schedule.warmup_iters=1", "data.batch_size=4", "train.progress=false", "train.log_every=1",
+            "data.crop=0.5", "data.crop_resize=[48,64]", "data.crop_size=[32,48]"]  # fmt: skip
     args = ["train", "detection", "--preset", preset, "--output", str(run)]
     assert cli_main([*args, *[x for s in sets for x in ("--set", s)]]) == 0
     final = json.loads((run / "final.json").read_text())
@@ -51,6 +55,30 @@ def test_short_training_run_eval_and_predict(
     results = json.loads((out / "results.json").read_text())
     assert {"image_id", "category_id", "bbox", "score"} <= set(results[0])
     assert Image.open(out / "000000_pred.png").size == (64, 64)
+
+
+def test_two_process_ddp_gathers_evaluation(tmp_path: Path, cache: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Two gloo ranks train Mask R-CNN in step; AP over both ranks' shards equals one process's AP."""
+    import torch
+
+    sets = [TINY, "model.fpn_channels=32", "model.min_size=[64]", "model.max_size=64", "schedule.iterations=2",
+            "schedule.warmup_iters=1", "data.batch_size=2", "data.workers=0", "train.progress=false",
+            "model.score_thresh=0.0"]  # fmt: skip
+    repo = Path(__file__).resolve().parent.parent
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(repo / "tests" / "ddp_worker.py"), str(tmp_path), "detection", "shapes-mask-rcnn", *sets]  # fmt: skip
+    env = {**os.environ, "PVT_CACHE": str(cache), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=repo, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    assert r0.keys() == r1.keys() and all(torch.equal(r0[k], r1[k]) for k in r0)
+    final = json.loads((tmp_path / "run" / "final.json").read_text())
+    capsys.readouterr()
+    assert cli_main(["eval", "detection", "--checkpoint", str(tmp_path / "run" / "model.safetensors")]) == 0
+    single = json.loads(capsys.readouterr().out)
+    assert final["bbox_ap50"] > 0  # a score threshold of 0 keeps detections, so AP depends on every image
+    for key in ("bbox_ap", "bbox_ap50", "segm_ap"):
+        assert final[key] == pytest.approx(single[key], abs=1e-6)
 
 
 def test_wrong_detector_checkpoint_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

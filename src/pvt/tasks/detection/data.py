@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,12 @@ class DetectionData(LoaderConfig):
     val_ann: str | None = None
     val_images: str | None = None
     hflip: float = 0.5
+    # The 3x recipe's DETR-style policy, drawn with this probability per image (mmdet AutoAugment: 0.5):
+    # short side resized to one of crop_resize (long side <= 1333), then a random crop with sides
+    # in crop_size; the detector then resizes to model.min_size as usual.
+    crop: float = 0.0
+    crop_resize: list[int] = field(default_factory=lambda: [400, 500, 600])
+    crop_size: list[int] = field(default_factory=lambda: [384, 600])
     drop_invalid: bool = False  # drop malformed annotations with a counted warning instead of failing
     shapes: dict[str, int] = field(default_factory=dict)  # ShapesSpec overrides for dataset=shapes
 
@@ -79,6 +86,9 @@ class CocoDetection(Dataset[tuple[Any, dict[str, Any]]]):
         masks: bool = False,
         label_offset: int = 0,
         hflip: float = 0.5,
+        crop: float = 0.0,
+        crop_resize: tuple[int, ...] = (400, 500, 600),
+        crop_size: tuple[int, int] = (384, 600),
         drop_invalid: bool = False,
     ) -> None:
         self.ann_file, self.image_dir = Path(ann_file), Path(image_dir)
@@ -114,7 +124,7 @@ class CocoDetection(Dataset[tuple[Any, dict[str, Any]]]):
         if self.dropped:
             warnings.warn(f"{self.ann_file}: dropped {self.dropped} malformed annotation(s)", stacklevel=2)
         self.anns = per_image
-        self.transform = v2.Compose([v2.RandomHorizontalFlip(hflip)] if train and hflip > 0 else [v2.Identity()])
+        self.transform = train_transform(hflip, crop, crop_resize, crop_size) if train else v2.Identity()
 
     def _check(self, ann: dict[str, Any]) -> str | None:
         where = f"{self.ann_file}: annotation id {ann.get('id')}"
@@ -175,13 +185,43 @@ class CocoDetection(Dataset[tuple[Any, dict[str, Any]]]):
             target["masks"] = tv_tensors.Mask(torch.from_numpy(m))
         image = v2.functional.to_dtype(v2.functional.to_image(pil), torch.float32, scale=True)
         image, target = self.transform(image, target)
-        target["boxes"] = target["boxes"].as_subclass(torch.Tensor)
-        target["boxes"][:, 0::2] = target["boxes"][:, 0::2].clamp(max=w)
-        target["boxes"][:, 1::2] = target["boxes"][:, 1::2].clamp(max=h)
+        target["boxes"] = v2.functional.clamp_bounding_boxes(target["boxes"]).as_subclass(torch.Tensor)
         if self.masks:
             target["masks"] = target["masks"].as_subclass(torch.Tensor)
         target["image_id"] = image_id
         return image.as_subclass(torch.Tensor), target
+
+
+class RandomSizeCrop:
+    """A crop with height and width drawn uniformly from ``[lo, min(side, hi)]`` at a uniform
+    position (mmdet ``RandomCrop(crop_type='absolute_range', allow_negative_crop=True)``)."""
+
+    def __init__(self, lo: int, hi: int) -> None:
+        if not 0 < lo <= hi:
+            raise ValueError(f"crop size range ({lo}, {hi}): expected 0 < lo <= hi")
+        self.lo, self.hi = lo, hi
+
+    def __call__(self, image: torch.Tensor, target: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
+        H, W = image.shape[-2:]
+        ch = int(torch.randint(min(self.lo, H), min(H, self.hi) + 1, ()).item())
+        cw = int(torch.randint(min(self.lo, W), min(W, self.hi) + 1, ()).item())
+        top = int(torch.randint(0, H - ch + 1, ()).item())
+        left = int(torch.randint(0, W - cw + 1, ()).item())
+        crop = v2.functional.crop
+        tv = {k: (crop(v, top, left, ch, cw) if isinstance(v, tv_tensors.TVTensor) else v) for k, v in target.items()}
+        return crop(image, top, left, ch, cw), tv
+
+
+def train_transform(
+    hflip: float, crop: float, crop_resize: tuple[int, ...], crop_size: tuple[int, int]
+) -> Callable[..., Any]:
+    """Flip, and with probability ``crop`` the DETR-style resize-then-crop policy; degenerate boxes
+    (and their labels and masks) are removed after the crop, as mmdetection does."""
+    steps: list[Callable[..., Any]] = [v2.RandomHorizontalFlip(hflip)] if hflip > 0 else []
+    if crop > 0:
+        policy = v2.Compose([v2.RandomShortestSize(list(crop_resize), max_size=1333), RandomSizeCrop(*crop_size)])
+        steps += [v2.RandomApply([policy], p=crop), v2.ClampBoundingBoxes(), v2.SanitizeBoundingBoxes()]
+    return v2.Compose(steps) if steps else v2.Identity()
 
 
 def collate(batch: list[tuple[Any, dict[str, Any]]]) -> tuple[list[Any], list[dict[str, Any]]]:

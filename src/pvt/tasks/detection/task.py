@@ -121,7 +121,15 @@ class DetectionTask(Task):
         d: DetectionData = recipe.data
         masks = getattr(recipe.model, "detector", "") == "mask_rcnn"
         offset = 1 if masks else 0
-        kw = dict(masks=masks, label_offset=offset, hflip=d.hflip, drop_invalid=d.drop_invalid)
+        kw = dict(
+            masks=masks,
+            label_offset=offset,
+            hflip=d.hflip,
+            crop=d.crop,
+            crop_resize=tuple(d.crop_resize),
+            crop_size=tuple(d.crop_size),
+            drop_invalid=d.drop_invalid,
+        )
         train_ds = CocoDetection(*coco_paths(d, "train"), train=True, **kw) if train else None  # type: ignore[arg-type]
         val_ds = CocoDetection(*coco_paths(d, "val"), train=False, **kw)  # type: ignore[arg-type]
         if len(val_ds.cat_ids) > recipe.model.num_classes:
