@@ -168,7 +168,8 @@ def test_sigterm_checkpoints_and_exits(cache: Path, tmp_path: Path) -> None:
 def test_two_process_ddp_trains_in_step(cache: Path, tmp_path: Path) -> None:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(REPO / "tests" / "ddp_worker.py"), str(tmp_path), "classification", "digits", *QUICK,
-           "schedule.iterations=4", "schedule.warmup_iters=1", "data.batch_size=32", "train.progress=false"]  # fmt: skip
+           "schedule.iterations=4", "schedule.warmup_iters=1", "data.batch_size=32",
+           "train.progress=false"]  # fmt: skip
     done = subprocess.run(cmd, env=_env(cache), capture_output=True, text=True, cwd=REPO, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
