@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	touch $@
 
 demo: setup
-	$(PY) -m pvt.demo
+	$(PY) -m pvt.demo $(DEMO_ARGS)
 
 test: setup
 	$(PY) -m pytest

@@ -61,6 +61,15 @@ def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return t
 
 
+def broadcast_buffers(module: torch.nn.Module, info: DistInfo) -> None:
+    """Rank 0's buffers (BatchNorm running statistics) on every rank. DDP does this before each
+    training forward, but each rank's last forward leaves its own statistics behind; evaluation
+    must see one model."""
+    if info.enabled:
+        for b in module.buffers():
+            dist.broadcast(b, src=0)
+
+
 def gather_objects(obj: object, info: DistInfo) -> list[object]:
     """Every rank's ``obj``, in rank order (a one-item list when running alone)."""
     if not info.enabled:

@@ -26,7 +26,15 @@ from pvt.checkpoint.io import atomic_write, save_safetensors
 from pvt.engine import state as ckpt
 from pvt.engine.config import Recipe
 from pvt.engine.data import ResumableSampler, SeededDataset
-from pvt.engine.distributed import DistInfo, all_reduce_sum, barrier, cleanup, gather_objects, init_distributed
+from pvt.engine.distributed import (
+    DistInfo,
+    all_reduce_sum,
+    barrier,
+    broadcast_buffers,
+    cleanup,
+    gather_objects,
+    init_distributed,
+)
 from pvt.engine.optim import Schedule, build_optimizer, scaled_lr
 from pvt.engine.task import LoaderConfig, Task
 
@@ -319,6 +327,7 @@ class Trainer:
     def evaluate(self, model: nn.Module | None = None) -> dict[str, float]:
         m = model if model is not None else self.model
         m.eval()
+        broadcast_buffers(m, self.dist)
         with torch.inference_mode():
             return self.task.evaluate(m, self.eval_loader, self.device, self.dist, self.autocast)
 

@@ -6,7 +6,7 @@ from pvt.engine.task import Task
 
 
 def get_task(name: str) -> Task:
-    """A fresh task object by name (``classification``)."""
+    """A fresh task object by name (``classification``, ``detection``, ``segmentation``)."""
     if name == "classification":
         from pvt.tasks.classification import ClassificationTask
 
@@ -15,7 +15,11 @@ def get_task(name: str) -> Task:
         from pvt.tasks.detection.task import DetectionTask
 
         return DetectionTask()
+    if name == "segmentation":
+        from pvt.tasks.segmentation.task import SegmentationTask
+
+        return SegmentationTask()
     raise ValueError(f"unknown task {name!r}; available: {', '.join(TASKS)}")
 
 
-TASKS = ("classification", "detection")
+TASKS = ("classification", "detection", "segmentation")

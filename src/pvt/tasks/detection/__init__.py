@@ -1,1 +1,1 @@
-"""Detection task: RetinaNet / Mask R-CNN models (data, evaluation and training follow)."""
+"""Detection task: RetinaNet / Mask R-CNN models, COCO data, COCO evaluation."""

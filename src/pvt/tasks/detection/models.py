@@ -63,7 +63,9 @@ class BackboneFPN(nn.Module):
     ``[B, 3, H, W]`` -> ``OrderedDict`` of ``[B, out_channels, H/s, W/s]`` maps.
     """
 
-    def __init__(self, body: nn.Module, in_channels: Sequence[int], out_channels: int, extra: ExtraFPNBlock) -> None:
+    def __init__(
+        self, body: nn.Module, in_channels: Sequence[int], out_channels: int, extra: ExtraFPNBlock | None
+    ) -> None:
         super().__init__()
         self.body = body
         self.fpn = FeaturePyramidNetwork(list(in_channels), out_channels, extra_blocks=extra)
@@ -75,11 +77,12 @@ class BackboneFPN(nn.Module):
 
 
 class _ResNetBody(nn.Module):
-    """torchvision ResNet stages ``layer1..4`` returning the chosen ones as a list (frozen BN)."""
+    """torchvision ResNet stages ``layer1..4`` returning the chosen ones as a list (frozen BN for
+    detection, as torchvision's and mmdet's detectors; trainable BN for segmentation, as mmseg)."""
 
-    def __init__(self, name: str, stages: Sequence[int]) -> None:
+    def __init__(self, name: str, stages: Sequence[int], norm_layer: type[nn.Module] = FrozenBatchNorm2d) -> None:
         super().__init__()
-        net = getattr(resnet, name)(weights=None, norm_layer=FrozenBatchNorm2d)
+        net = getattr(resnet, name)(weights=None, norm_layer=norm_layer)
         self.stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
         self.layers = nn.ModuleList([net.layer1, net.layer2, net.layer3, net.layer4])
         self.stages = tuple(stages)
@@ -103,20 +106,21 @@ def backbone_fpn(
     stages: Sequence[int],
     *,
     fpn_channels: int,
-    extra: str,
+    extra: str | None,
     checkpoint: str | None = None,
     drop_path_rate: float = 0.1,
     freeze_stages: int = 0,
+    resnet_norm: type[nn.Module] = FrozenBatchNorm2d,
 ) -> BackboneFPN:
     """PVT (``features_only``) or ResNet body for the given stages (0 = stride 4) with an FPN.
 
-    ``extra``: ``"p6p7_c5"`` (RetinaNet) or ``"maxpool"`` (Mask R-CNN).
+    ``extra``: ``"p6p7_c5"`` (RetinaNet), ``"maxpool"`` (Mask R-CNN) or None (Semantic FPN).
     """
     body: nn.Module
     if backbone in RESNETS:
         if checkpoint is not None:
             raise ValueError("backbone_checkpoint is supported for PVT backbones; load ResNet weights yourself")
-        rn = _ResNetBody(backbone, stages)
+        rn = _ResNetBody(backbone, stages, resnet_norm)
         body, channels = rn, rn.channels
     elif backbone in list_models():
         pvt = create_model(
@@ -131,7 +135,15 @@ def backbone_fpn(
         body, channels = pvt, pvt.feature_info.channels()
     else:
         raise ValueError(f"unknown backbone {backbone!r}; choose a PVT ({', '.join(list_models())}) or {RESNETS}")
-    block: ExtraFPNBlock = LastLevelP6P7FromC5(channels[-1], fpn_channels) if extra == "p6p7_c5" else LastLevelMaxPool()
+    block: ExtraFPNBlock | None
+    if extra == "p6p7_c5":
+        block = LastLevelP6P7FromC5(channels[-1], fpn_channels)
+    elif extra == "maxpool":
+        block = LastLevelMaxPool()
+    elif extra is None:
+        block = None
+    else:
+        raise ValueError(f"extra={extra!r}: expected 'p6p7_c5', 'maxpool' or None")
     return BackboneFPN(body, channels, fpn_channels, block)
 
 

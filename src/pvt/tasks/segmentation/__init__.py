@@ -1,0 +1,1 @@
+"""Segmentation task: Semantic FPN models, image / label-map data, mIoU evaluation."""

@@ -1,0 +1,74 @@
+"""Test-time inference: whole image or sliding windows, optional flip and extra scales (mmseg)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from pvt.tasks.segmentation.data import eval_size
+
+
+def slide_logits(model: nn.Module, x: Tensor, crop: tuple[int, int], stride: tuple[int, int]) -> Tensor:
+    """mmseg ``slide`` mode: windows of ``crop`` every ``stride``, overlapping logits averaged.
+    ``x [1, 3, H, W]`` -> ``[1, C, H, W]``."""
+    H, W = x.shape[-2:]
+    ch, cw = min(crop[0], H), min(crop[1], W)
+    rows = max(math.ceil((H - ch) / stride[0]), 0) + 1
+    cols = max(math.ceil((W - cw) / stride[1]), 0) + 1
+    total: Tensor | None = None
+    count = x.new_zeros(1, 1, H, W)
+    for r in range(rows):
+        for c in range(cols):
+            top, left = min(r * stride[0], H - ch), min(c * stride[1], W - cw)
+            out = model(x[..., top : top + ch, left : left + cw])
+            if total is None:
+                total = x.new_zeros(1, out.shape[1], H, W)
+            total[..., top : top + ch, left : left + cw] += out
+            count[..., top : top + ch, left : left + cw] += 1
+    assert total is not None
+    return total / count
+
+
+def infer(
+    model: nn.Module,
+    image: Tensor,
+    *,
+    scale: tuple[int, int] = (2048, 512),
+    align: int = 32,
+    mode: str = "whole",
+    crop: tuple[int, int] = (512, 512),
+    stride: tuple[int, int] = (341, 341),
+    flip: bool = False,
+    ratios: tuple[float, ...] = (1.0,),
+) -> Tensor:
+    """Class probabilities ``[C, H, W]`` at the image's own size for ``image [3, H, W]`` in 0..1.
+
+    Each (ratio, flip) view is resized with :func:`eval_size`, run whole or in windows, resized
+    back, soft-maxed and averaged, as mmseg's test-time augmentation.
+    """
+    if mode not in ("whole", "slide"):
+        raise ValueError(f"data.eval_mode={mode!r}: expected 'whole' or 'slide'")
+    H, W = image.shape[-2:]
+    probs: Tensor | None = None
+    views = 0
+    for ratio in ratios:
+        size = eval_size(H, W, scale, ratio, align)
+        x = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)
+        for flipped in (False, True) if flip else (False,):
+            view = x.flip(-1) if flipped else x
+            logits = model(view) if mode == "whole" else slide_logits(model, view, crop, stride)
+            logits = logits.flip(-1) if flipped else logits
+            p = F.interpolate(logits.float(), size=(H, W), mode="bilinear", align_corners=False).softmax(1)[0]
+            probs = p if probs is None else probs + p
+            views += 1
+    assert probs is not None
+    return probs / views
+
+
+@torch.inference_mode()
+def predict_labels(model: nn.Module, image: Tensor, **kwargs: object) -> Tensor:
+    """``[H, W]`` int64 class indices for ``image [3, H, W]`` in 0..1 (see :func:`infer`)."""
+    return infer(model, image, **kwargs).argmax(0)  # type: ignore[arg-type]

@@ -1,0 +1,123 @@
+"""Semantic FPN (Kirillov et al. 2019) on PVT or torchvision's ResNets, as in the papers' mmseg setup.
+
+Wiring (pvt-facts section 5, ``fpn_pvt_*_ade20k_40k.py``): C2-C5 into a 256-channel FPN with 4
+outputs (torchvision's ``FeaturePyramidNetwork``, no extra level), then mmseg's ``FPNHead``: per
+level a stack of max(1, log2(stride / 4)) 3x3 conv-BN-ReLU blocks of 128 channels, each followed by
+a 2x bilinear upsampling for strides above 4, summed at stride 4, dropout 0.1 and a 1x1 classifier.
+The logits are upsampled to the input size.
+
+Deliberate differences, each a named argument: ``norm`` (BatchNorm; the task turns it into
+SyncBatchNorm under multi-GPU DDP, as mmseg's SyncBN), ``fpn_channels`` / ``head_channels``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from pvt.tasks.detection.models import IMAGE_MEAN, IMAGE_STD, BackboneFPN, backbone_fpn
+
+STRIDES = (4, 8, 16, 32)
+
+
+class SemanticFPNHead(nn.Module):
+    """mmseg ``FPNHead``: four FPN maps ``[B, C_fpn, H/s, W/s]`` -> logits ``[B, classes, H/4, W/4]``."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        num_classes: int,
+        channels: int = 128,
+        dropout: float = 0.1,
+        strides: tuple[int, ...] = STRIDES,
+        norm: Callable[[int], nn.Module] = nn.BatchNorm2d,
+    ) -> None:
+        super().__init__()
+        self.scale_heads = nn.ModuleList()
+        for s in strides:
+            layers: list[nn.Module] = []
+            for k in range(max(1, int(math.log2(s) - math.log2(strides[0])))):
+                layers += [
+                    nn.Conv2d(in_channels if k == 0 else channels, channels, 3, padding=1, bias=False),
+                    norm(channels),
+                    nn.ReLU(inplace=True),
+                ]
+                if s != strides[0]:
+                    layers.append(nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False))
+            self.scale_heads.append(nn.Sequential(*layers))
+        self.dropout = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
+        self.classifier = nn.Conv2d(channels, num_classes, 1)
+        for m in self.modules():  # mmseg: kaiming for the convs, normal(0, 0.01) for the classifier
+            if isinstance(m, nn.Conv2d) and m is not self.classifier:
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        nn.init.normal_(self.classifier.weight, std=0.01)
+        nn.init.zeros_(self.classifier.bias)  # type: ignore[arg-type]
+
+    def forward(self, feats: list[Tensor]) -> Tensor:
+        out = self.scale_heads[0](feats[0])
+        for head, f in zip(self.scale_heads[1:], feats[1:], strict=True):
+            # Odd map sizes make 2x upsampling miss stride 4 by a pixel: resize to it, as mmseg does.
+            out = out + F.interpolate(head(f), size=out.shape[-2:], mode="bilinear", align_corners=False)
+        return self.classifier(self.dropout(out))
+
+
+class SemanticFPN(nn.Module):
+    """Backbone + FPN + head. ``[B, 3, H, W]`` RGB in 0..1 -> logits ``[B, num_classes, H, W]``.
+
+    Normalisation (ImageNet mean / std) happens inside, so callers pass plain images.
+    """
+
+    pixel_mean: Tensor
+    pixel_std: Tensor
+
+    def __init__(self, backbone: BackboneFPN, head: SemanticFPNHead) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+        self.register_buffer("pixel_mean", torch.tensor(IMAGE_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(IMAGE_STD).view(1, 3, 1, 1), persistent=False)
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.head.classifier.out_channels)
+
+    def forward(self, images: Tensor) -> Tensor:
+        x = (images - self.pixel_mean) / self.pixel_std
+        feats = list(self.backbone(x).values())  # strides 4, 8, 16, 32
+        logits = self.head(feats)
+        return F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=False)
+
+
+def semantic_fpn(
+    backbone: str = "pvt_small",
+    num_classes: int = 150,
+    *,
+    backbone_checkpoint: str | None = None,
+    drop_path_rate: float = 0.1,
+    freeze_stages: int = 0,
+    fpn_channels: int = 256,
+    head_channels: int = 128,
+    dropout: float = 0.1,
+    norm: Callable[[int], nn.Module] = nn.BatchNorm2d,
+) -> SemanticFPN:
+    """Semantic FPN on any registered PVT or ``resnet18`` / ``resnet50`` / ``resnet101``.
+
+    ``num_classes`` counts the classes scored (150 for ADE20K, whose "other" label is ignored).
+    """
+    bb = backbone_fpn(
+        backbone,
+        (0, 1, 2, 3),
+        fpn_channels=fpn_channels,
+        extra=None,
+        checkpoint=backbone_checkpoint,
+        drop_path_rate=drop_path_rate,
+        freeze_stages=freeze_stages,
+        resnet_norm=nn.BatchNorm2d,
+    )
+    model = SemanticFPN(bb, SemanticFPNHead(fpn_channels, num_classes, head_channels, dropout, norm=norm))
+    model.arch = f"semantic_fpn_{backbone}"  # type: ignore[assignment]
+    return model

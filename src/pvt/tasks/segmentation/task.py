@@ -1,0 +1,247 @@
+"""Semantic segmentation on the engine: Semantic FPN, ADE20K / folder / shapes data, mIoU."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset
+
+from pvt.checkpoint.io import atomic_write
+from pvt.engine.config import ModelConfig, Recipe
+from pvt.engine.distributed import DistInfo, all_reduce_sum
+from pvt.engine.task import Task
+from pvt.tasks.segmentation.data import (
+    SegmentationData,
+    SegmentationFolder,
+    TrainTransform,
+    class_names,
+    collate,
+    split_folders,
+)
+from pvt.tasks.segmentation.inference import infer
+from pvt.tasks.segmentation.metrics import confusion_matrix, per_class_table, segmentation_metrics
+from pvt.tasks.segmentation.models import semantic_fpn
+
+
+@dataclass
+class SegmentationModel(ModelConfig):
+    """The ``model`` section of a segmentation recipe. ``name`` is the backbone; ``checkpoint`` is a
+    whole model's weights (a run's ``model.safetensors``), ``backbone_checkpoint`` a backbone's."""
+
+    name: str = "pvt_small"
+    num_classes: int = 150
+    backbone_checkpoint: str | None = None
+    fpn_channels: int = 256
+    head_channels: int = 128
+    dropout: float = 0.1
+    sync_bn: bool = True  # SyncBatchNorm under multi-GPU DDP (mmseg's SyncBN)
+    class_weight: list[float] | None = None  # per-class cross-entropy weights (mmseg loss_decode.class_weight)
+
+
+def build_segmenter(m: SegmentationModel) -> nn.Module:
+    return semantic_fpn(
+        m.name,
+        m.num_classes,
+        backbone_checkpoint=m.backbone_checkpoint,
+        drop_path_rate=m.drop_path_rate,
+        freeze_stages=m.freeze_stages,
+        fpn_channels=m.fpn_channels,
+        head_channels=m.head_channels,
+        dropout=m.dropout,
+    )
+
+
+def palette(num_classes: int) -> np.ndarray:
+    """``[num_classes, 3]`` uint8 colours: distinct, fixed (the same class, the same colour)."""
+    rng = np.random.default_rng(0)
+    colours = rng.integers(40, 256, size=(max(num_classes, 1), 3), dtype=np.uint8)
+    base = np.array([[0, 0, 0], [230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48],
+                     [145, 30, 180], [70, 240, 240], [240, 50, 230], [210, 245, 60]], np.uint8)  # fmt: skip
+    colours[: min(len(base), num_classes)] = base[:num_classes]
+    return colours
+
+
+def label_png(label: np.ndarray, colours: np.ndarray) -> Any:
+    """A palette PNG whose pixel values are the class indices (colours only for viewing)."""
+    from PIL import Image
+
+    im = Image.fromarray(label.astype(np.uint8 if label.max(initial=0) < 256 else np.int32))
+    if im.mode == "L":
+        im = im.convert("P")
+        flat = np.zeros((256, 3), np.uint8)
+        flat[: len(colours)] = colours[:256]
+        im.putpalette(flat.reshape(-1).tolist())
+    return im
+
+
+def overlay(image: np.ndarray, label: np.ndarray, colours: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """``image [H, W, 3]`` uint8 blended with the class colours of ``label [H, W]``."""
+    blended = (1 - alpha) * image.astype(np.float32) + alpha * colours[label].astype(np.float32)
+    return blended.round().clip(0, 255).astype(np.uint8)
+
+
+def check_settings(d: SegmentationData) -> None:
+    """Bad data values fail before any training, naming the key."""
+    for key in ("scale", "ratio_range", "crop_size", "eval_scale", "slide_stride"):
+        value = getattr(d, key)
+        if len(value) != 2 or min(value) <= 0:
+            raise ValueError(f"data.{key}={value}: expected two positive numbers")
+    if d.eval_mode not in ("whole", "slide"):
+        raise ValueError(f"data.eval_mode={d.eval_mode!r}: expected 'whole' or 'slide'")
+    if not d.eval_ratios or min(d.eval_ratios) <= 0:
+        raise ValueError(f"data.eval_ratios={d.eval_ratios}: expected positive scale ratios, e.g. [1.0]")
+
+
+def save_png(picture: Any, path: str) -> None:
+    atomic_write(path, lambda tmp: picture.save(tmp, "PNG"))
+
+
+class SegmentationTask(Task):
+    name = "segmentation"
+    data_config = SegmentationData
+    model_config = SegmentationModel
+    headline = ("mIoU", "mAcc", "aAcc")
+
+    def build_model(self, recipe: Recipe) -> nn.Module:
+        m = recipe.model
+        assert isinstance(m, SegmentationModel)
+        if m.class_weight is not None and len(m.class_weight) != m.num_classes:
+            raise ValueError(f"model.class_weight has {len(m.class_weight)} values for {m.num_classes} classes")
+        self._weight = torch.tensor(m.class_weight) if m.class_weight else None
+        model = build_segmenter(m)
+        if m.checkpoint:
+            from pvt.checkpoint import read_checkpoint
+
+            sd, _ = read_checkpoint(m.checkpoint)
+            missing, unexpected = model.load_state_dict(sd, strict=False)
+            if missing or unexpected:
+                raise ValueError(
+                    f"{m.checkpoint}: not a Semantic FPN on {m.name} with {m.num_classes} classes "
+                    f"({len(missing)} missing, {len(unexpected)} unexpected tensors, e.g. "
+                    f"{(missing or unexpected)[:3]}); for backbone weights use model.backbone_checkpoint"
+                )
+        if m.sync_bn and torch.distributed.is_initialized() and torch.cuda.is_available():
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        return model
+
+    def _reduce_zero(self, d: SegmentationData) -> bool:
+        return d.dataset == "ade20k" if d.reduce_zero_label is None else d.reduce_zero_label
+
+    def build_datasets(self, recipe: Recipe, *, train: bool = True) -> tuple[Dataset[Any] | None, Dataset[Any]]:
+        d: SegmentationData = recipe.data
+        n = recipe.model.num_classes
+        self._data, self._classes = d, class_names(d, n)
+        check_settings(d)
+        kw = dict(num_classes=n, ignore_index=d.ignore_index, reduce_zero_label=self._reduce_zero(d))
+        train_ds = None
+        if train:
+            transform = TrainTransform(
+                scale=(d.scale[0], d.scale[1]),
+                ratio_range=(d.ratio_range[0], d.ratio_range[1]),
+                crop_size=(d.crop_size[0], d.crop_size[1]),
+                cat_max_ratio=d.cat_max_ratio,
+                hflip=d.hflip,
+                photometric=d.photometric,
+                ignore_index=d.ignore_index,
+            )
+            train_ds = SegmentationFolder(*split_folders(d, "train"), transform=transform, **kw)  # type: ignore[arg-type]
+        val_ds = SegmentationFolder(*split_folders(d, "val"), **kw)  # type: ignore[arg-type]
+        return train_ds, val_ds
+
+    def collate(self, batch: list[Any]) -> Any:
+        return collate(batch)
+
+    def loss(self, model: nn.Module, batch: Any, device: torch.device) -> torch.Tensor:
+        images, labels, _ = batch
+        logits = model(images.to(device, non_blocking=True))  # [B, C, H, W] at the crop size
+        weight = self._weight.to(device) if self._weight is not None else None
+        target = labels.to(device, non_blocking=True)
+        return F.cross_entropy(logits.float(), target, weight=weight, ignore_index=self._data.ignore_index)
+
+    def infer_kwargs(self, d: SegmentationData) -> dict[str, Any]:
+        return dict(
+            scale=(d.eval_scale[0], d.eval_scale[1]),
+            align=d.align,
+            mode=d.eval_mode,
+            crop=(d.crop_size[0], d.crop_size[1]),
+            stride=(d.slide_stride[0], d.slide_stride[1]),
+            flip=d.eval_flip,
+            ratios=tuple(d.eval_ratios),
+        )
+
+    def evaluate(
+        self,
+        model: nn.Module,
+        batches: Iterable[Any],
+        device: torch.device,
+        dist: DistInfo,
+        autocast: Callable[[], Any],
+    ) -> dict[str, float]:
+        n = len(self._classes)
+        cm = torch.zeros(n, n, dtype=torch.int64, device=device)
+        kw = self.infer_kwargs(self._data)
+        for images, labels, _ in batches:
+            for image, label in zip(images, labels, strict=True):
+                with autocast():
+                    pred = infer(model, image.to(device), **kw).argmax(0)
+                cm += confusion_matrix(pred, label.to(device), n, self._data.ignore_index)
+        cm = all_reduce_sum(cm, dist)
+        metrics = segmentation_metrics(cm.cpu(), self._classes)
+        if dist.is_main:
+            print(per_class_table(metrics), file=sys.stderr)
+        return metrics
+
+    def artifacts(self) -> dict[str, Any]:
+        return {"classes": getattr(self, "_classes", [])}
+
+    def predict(
+        self, model: nn.Module, recipe: Recipe, inputs: list[str], artifacts: dict[str, Any], out_dir: str | None
+    ) -> list[dict[str, Any]]:
+        """Per image: class-index label PNG (palette) and a colour overlay under ``out_dir``; the
+        record lists the share of pixels per predicted class."""
+        from PIL import Image
+
+        from pvt.datasets.files import expand_inputs
+
+        d: SegmentationData = recipe.data
+        n = recipe.model.num_classes
+        names = list(artifacts.get("classes") or class_names(d, n))
+        colours = palette(n)
+        out = Path(out_dir) if out_dir else None
+        records: list[dict[str, Any]] = []
+        model.eval()
+        for path in expand_inputs(inputs):
+            try:
+                with Image.open(path) as im:
+                    rgb = np.asarray(im.convert("RGB"))
+            except OSError as e:
+                raise ValueError(f"{path}: cannot read this image ({e})") from e
+            image = torch.from_numpy(rgb.copy()).permute(2, 0, 1).float().div(255)
+            with torch.inference_mode():
+                label = infer(model, image, **self.infer_kwargs(d)).argmax(0).numpy()
+            ids, counts = np.unique(label, return_counts=True)
+            record: dict[str, Any] = {
+                "image": path,
+                "classes": {
+                    names[i]: round(c / label.size, 4) for i, c in zip(ids.tolist(), counts.tolist(), strict=True)
+                },
+            }
+            if out is not None:
+                stem = Path(path).stem
+                record["label_png"] = str(out / f"{stem}_label.png")
+                record["overlay_png"] = str(out / f"{stem}_overlay.png")
+                save_png(label_png(label, colours), record["label_png"])
+                save_png(Image.fromarray(overlay(rgb, label, colours)), record["overlay_png"])
+            records.append(record)
+        return records
+
+
+__all__ = ["SegmentationModel", "SegmentationTask", "build_segmenter", "label_png", "overlay", "palette"]

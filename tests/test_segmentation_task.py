@@ -1,0 +1,114 @@
+"""Segmentation through the engine: a short training run, evaluation, prediction files, DDP."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pvt.cli import main as cli_main
+
+SMALL = ["data.shapes={image_size: 64, train_images: 8, val_images: 4, min_size: 12, max_size: 40}",
+         "model.fpn_channels=32", "model.head_channels=32", "data.scale=[128,64]", "data.crop_size=[64,64]",
+         "data.eval_scale=[128,64]", "schedule.iterations=2", "schedule.warmup_iters=1", "data.batch_size=4",
+         "train.progress=false", "train.log_every=1"]  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    root = tmp_path_factory.getbasetemp() / "cache"
+    monkeypatch.setenv("PVT_CACHE", str(root))
+    return root
+
+
+def _sets(items: list[str]) -> list[str]:
+    return [a for s in items for a in ("--set", s)]
+
+
+def test_short_training_run_eval_and_predict(tmp_path: Path, cache: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run = tmp_path / "run"
+    args = ["train", "segmentation", "--preset", "shapes-semantic-fpn", "--output", str(run)]
+    assert cli_main([*args, *_sets(SMALL)]) == 0
+    final = json.loads((run / "final.json").read_text())
+    assert {"mIoU", "mAcc", "aAcc"} <= set(final) and final["iterations"] == 2
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert {"iou/background", "iou/star", "acc/circle"} <= set(records[-1])
+    assert json.loads((run / "task.json").read_text())["classes"] == ["background", "circle", "square",
+                                                                      "triangle", "star"]  # fmt: skip
+
+    capsys.readouterr()
+    weights = str(run / "model.safetensors")
+    assert cli_main(["eval", "segmentation", "--checkpoint", weights]) == 0
+    assert json.loads(capsys.readouterr().out)["mIoU"] == pytest.approx(final["mIoU"], abs=1e-3)
+    # Test-time flip and two scales run through the same command.
+    tta = ["--set", "data.eval_flip=true", "--set", "data.eval_ratios=[0.75,1.0]"]
+    assert cli_main(["eval", "segmentation", "--checkpoint", weights, *tta]) == 0
+    assert 0 <= json.loads(capsys.readouterr().out)["mIoU"] <= 100
+
+    image = next(cache.rglob("val2017/000000.png"))
+    out = tmp_path / "pred"
+    assert cli_main(["predict", "segmentation", "--checkpoint", weights, "--out", str(out), str(image)]) == 0
+    record = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert record["image"] == str(image) and sum(record["classes"].values()) == pytest.approx(1.0, abs=1e-3)
+    label = Image.open(out / "000000_label.png")
+    assert label.mode == "P" and label.size == (64, 64)
+    assert set(np.unique(np.asarray(label)).tolist()) <= set(range(5))
+    assert Image.open(out / "000000_overlay.png").size == (64, 64)
+
+    # The written label map is the model's argmax, class for class.
+    from pvt.engine import load_recipe
+    from pvt.engine.config import read_yaml
+    from pvt.segmentation import predict_labels
+    from pvt.tasks import get_task
+
+    task = get_task("segmentation")
+    recipe = load_recipe("segmentation", task.data_config, read_yaml(run / "config.yaml"),
+                         [f"model.checkpoint={weights}"], model_cls=task.model_config)  # fmt: skip
+    model = task.build_model(recipe).eval()
+    x = torch.from_numpy(np.asarray(Image.open(image).convert("RGB")).copy()).permute(2, 0, 1).float() / 255
+    expected = predict_labels(model, x, scale=(128, 64))
+    assert np.array_equal(np.asarray(label), expected.numpy())
+
+
+def test_two_process_ddp_reduces_the_confusion_matrix(
+    tmp_path: Path, cache: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    repo = Path(__file__).resolve().parent.parent
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(repo / "tests" / "ddp_worker.py"), str(tmp_path), "segmentation", "shapes-semantic-fpn", *SMALL,
+           "data.batch_size=2"]  # fmt: skip
+    env = {**os.environ, "PVT_CACHE": str(cache), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=repo, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    assert r0.keys() == r1.keys() and all(torch.equal(r0[k], r1[k]) for k in r0)
+    final = json.loads((tmp_path / "run" / "final.json").read_text())
+    capsys.readouterr()
+    assert cli_main(["eval", "segmentation", "--checkpoint", str(tmp_path / "run" / "model.safetensors")]) == 0
+    single = json.loads(capsys.readouterr().out)
+    assert final["aAcc"] > 0 and all(final[k] == pytest.approx(single[k], abs=1e-3) for k in ("mIoU", "aAcc"))
+
+
+def test_bad_settings_and_wrong_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from pvt import create_model, save_safetensors
+
+    weights = tmp_path / "backbone.safetensors"
+    save_safetensors(create_model("pvt_v2_b0").state_dict(), weights)
+    base = ["eval", "segmentation", "--preset", "shapes-semantic-fpn", *_sets(SMALL[:6])]
+    assert cli_main([*base, "--checkpoint", str(weights)]) == 2
+    assert "not a Semantic FPN on pvt_v2_b0 with 5 classes" in capsys.readouterr().err
+    run = tmp_path / "run"
+    args = ["train", "segmentation", "--preset", "shapes-semantic-fpn", "--output", str(run)]
+    assert cli_main([*args, *_sets([*SMALL, "data.eval_mode=tiles"])]) == 2
+    assert "data.eval_mode='tiles': expected 'whole' or 'slide'" in capsys.readouterr().err
+    assert (
+        cli_main(["train", "segmentation", "--preset", "semantic-fpn-pvt_small-40k", "--output", str(run / "x")]) == 2
+    )
+    assert "data.root is not set" in capsys.readouterr().err
