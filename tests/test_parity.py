@@ -13,7 +13,7 @@ import torch
 import pvt
 from conftest import perturb_
 from pvt.checkpoint import detect_layout
-from pvt.models.layers import Attention, PatchEmbed
+from pvt.peers import hf_v1_config, hf_v2_config, match_hf_eps_
 
 timm = pytest.importorskip("timm")
 transformers = pytest.importorskip("transformers")
@@ -21,17 +21,6 @@ transformers = pytest.importorskip("transformers")
 V2 = pvt.list_models("pvt_v2_*")
 V1 = ["pvt_tiny", "pvt_small", "pvt_medium", "pvt_large"]
 ATOL = 1e-5
-
-
-def _hf_eps_(model: pvt.PyramidBackbone) -> pvt.PyramidBackbone:
-    """HF uses LayerNorm eps 1e-6 everywhere; the official code (and we) 1e-5 in the
-    patch-embedding and spatial-reduction norms. Match HF in the test, not in the model."""
-    for m in model.modules():
-        if isinstance(m, PatchEmbed):
-            m.norm.eps = 1e-6
-        if isinstance(m, Attention) and m.norm is not None:
-            m.norm.eps = 1e-6
-    return model
 
 
 def _x(size: tuple[int, int]) -> torch.Tensor:
@@ -64,24 +53,12 @@ def test_timm_features_match() -> None:
             torch.testing.assert_close(a, b, rtol=0, atol=ATOL)
 
 
-def _hf_v1_config(name: str) -> transformers.PvtConfig:
-    depths = pvt.models.pvt_v1.V1_VARIANTS[name]["depths"]
-    return transformers.PvtConfig(
-        depths=list(depths),
-        hidden_sizes=[64, 128, 320, 512],
-        num_attention_heads=[1, 2, 5, 8],
-        mlp_ratios=[8, 8, 4, 4],
-        sequence_reduction_ratios=[8, 4, 2, 1],
-        num_labels=1000,
-    )
-
-
 @pytest.mark.parametrize("name", V1)
 def test_hf_pvt_v1_logits_match(name: str) -> None:
-    peer = perturb_(transformers.PvtForImageClassification(_hf_v1_config(name))).eval()
+    peer = perturb_(transformers.PvtForImageClassification(hf_v1_config(name, num_labels=1000))).eval()
     sd = peer.state_dict()
     assert detect_layout(sd) == "hf_pvt"
-    ours = _hf_eps_(pvt.create_model(name, checkpoint=sd)).eval()
+    ours = match_hf_eps_(pvt.create_model(name, checkpoint=sd)).eval()
     # HF resizes position tables with its own (224-only) shortcut, so compare at 224.
     x = _x((224, 224))
     with torch.no_grad():
@@ -90,23 +67,12 @@ def test_hf_pvt_v1_logits_match(name: str) -> None:
     torch.testing.assert_close(got, want, rtol=0, atol=ATOL)
 
 
-def _hf_v2_config(name: str, **kw: object) -> transformers.PvtV2Config:
-    cfg = pvt.models.pvt_v2.V2_VARIANTS[name]
-    return transformers.PvtV2Config(
-        depths=list(cfg["depths"]),
-        hidden_sizes=list(cfg.get("embed_dims", (64, 128, 320, 512))),
-        mlp_ratios=list(cfg.get("mlp_ratios", (8, 8, 4, 4))),
-        linear_attention=bool(cfg.get("linear", False)),
-        **kw,
-    )
-
-
 @pytest.mark.parametrize("name", V2)
 def test_hf_pvt_v2_logits_match(name: str) -> None:
-    peer = perturb_(transformers.PvtV2ForImageClassification(_hf_v2_config(name, num_labels=1000))).eval()
+    peer = perturb_(transformers.PvtV2ForImageClassification(hf_v2_config(name, num_labels=1000))).eval()
     sd = peer.state_dict()
     assert detect_layout(sd) == "hf_pvt_v2"
-    ours = _hf_eps_(pvt.create_model(name, checkpoint=sd)).eval()
+    ours = match_hf_eps_(pvt.create_model(name, checkpoint=sd)).eval()
     x = _x((96, 128))
     with torch.no_grad():
         want, got = peer(x).logits, ours(x)
@@ -115,9 +81,9 @@ def test_hf_pvt_v2_logits_match(name: str) -> None:
 
 
 def test_hf_pvt_v2_backbone_wrapper_features_match() -> None:
-    cfg = _hf_v2_config("pvt_v2_b0", out_features=["stage1", "stage2", "stage3", "stage4"])
+    cfg = hf_v2_config("pvt_v2_b0", out_features=["stage1", "stage2", "stage3", "stage4"])
     peer = perturb_(transformers.PvtV2Backbone(cfg)).eval()
-    ours = _hf_eps_(pvt.create_model("pvt_v2_b0", features_only=True, checkpoint=peer.state_dict()))
+    ours = match_hf_eps_(pvt.create_model("pvt_v2_b0", features_only=True, checkpoint=peer.state_dict()))
     assert ours.load_report.layout == "hf_pvt_v2"
     x = _x((64, 96))
     with torch.no_grad():
@@ -128,6 +94,6 @@ def test_hf_pvt_v2_backbone_wrapper_features_match() -> None:
 
 
 def test_hf_pvt_model_without_head_loads_into_dense_model() -> None:
-    peer = perturb_(transformers.PvtModel(_hf_v1_config("pvt_tiny"))).eval()
-    ours = _hf_eps_(pvt.create_model("pvt_tiny", features_only=True, checkpoint=peer.state_dict()))
+    peer = perturb_(transformers.PvtModel(hf_v1_config("pvt_tiny"))).eval()
+    ours = match_hf_eps_(pvt.create_model("pvt_tiny", features_only=True, checkpoint=peer.state_dict()))
     assert set(ours.load_report.dropped) == {"cls_token", "norm.weight", "norm.bias"}
