@@ -128,6 +128,16 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from pvt.benchmark import SUITES, Settings, run
+
+    suites = tuple(args.suites.split(",")) if args.suites else SUITES
+    settings = Settings(threads=args.threads, repeats=args.repeats, quick=args.quick, suites=suites,
+                        compile=not args.no_compile)  # fmt: skip
+    print(run(settings, args.out))
+    return 0
+
+
 def _add_recipe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("task", choices=TASKS, help="the task")
     p.add_argument("--preset", help="a shipped preset name (see pvt presets TASK) or a recipe YAML path")
@@ -180,6 +190,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("presets", help="list a task's shipped presets")
     p.add_argument("task", choices=TASKS)
     p.set_defaults(func=lambda a: print("\n".join(list_presets(a.task))) or 0)
+
+    p = sub.add_parser("bench", help="time pvt-vision against timm, HF transformers and CNNs (needs [peers])")
+    p.add_argument("--out", default="bench-results", help="folder for RESULTS.md, results.json and PNGs")
+    p.add_argument("--suites", help="comma-separated subset of classify,train,dense,scaling,precision")
+    p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    p.add_argument("--repeats", type=int, default=7, help="alternating rounds per comparison (median)")
+    p.add_argument("--quick", action="store_true", help="tiny models and inputs: check the machinery only")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile contenders")
+    p.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser("plot", help="draw a run's loss / lr / metric curves to PNG")
     p.add_argument("run_dir")

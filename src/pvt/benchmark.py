@@ -1,0 +1,408 @@
+"""Side-by-side speed and memory of pvt-vision against its peers, on the same weights, in one run.
+
+``pvt bench`` (or ``python benchmarks/run.py``) runs the suites below and writes ``RESULTS.md``
+and PNG plots. Every comparison builds the contenders from the same weights (our converter
+loads the peer's state dict) and checks their outputs agree before timing; contenders are timed
+in alternation, round after round, and the median is reported, so a machine's drift hits all
+of them alike.
+
+Suites: ``classify`` (224x224, eval, batch 1 and 16: ours vs timm ``pvt_v2_*`` and vs HF
+transformers' Pvt / PvtV2, torchvision ResNet-50 as the CNN reference), ``train`` (forward,
+backward and AdamW step at batch 32), ``dense`` (multi-scale features at 512x512 and 800x1333;
+RetinaNet-PVT-Small vs torchvision's RetinaNet-ResNet-50 at 800x1333), ``scaling`` (latency and
+peak memory from 224 to 1024 px: PVT-Small, v2-b2, v2-b2-li vs timm ViT-Small/16), ``precision``
+(fp32 / bf16 autocast, eager / ``torch.compile``) and the machine's fp32 matmul peak.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from pvt.complexity import complexity
+from pvt.peers import check_twins, hf_twins, timm_twins
+
+SUITES = ("classify", "train", "dense", "scaling", "precision")
+
+
+@dataclass
+class Row:
+    """One contender in one setting: median milliseconds over ``repeats`` alternating rounds."""
+
+    suite: str
+    setting: str
+    contender: str
+    ms: float
+    repeats: int
+    gmacs: float | None = None  # per call, papers' convention (None where not counted)
+    peak_mib: float | None = None
+    note: str = ""
+
+    @property
+    def gflops(self) -> float | None:
+        """Achieved GFLOP/s (2 FLOPs per MAC)."""
+        return None if self.gmacs is None else 2 * self.gmacs / (self.ms / 1e3)
+
+
+@dataclass
+class Settings:
+    threads: int = 2
+    repeats: int = 7
+    quick: bool = False  # tiny models and inputs: checks the machinery, not the speed
+    suites: tuple[str, ...] = SUITES
+    compile: bool = True
+    rows: list[Row] = field(default_factory=list)
+
+
+def alternate(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1) -> dict[str, float]:
+    """Median seconds per call of each function, timed round-robin (the order rotates per round)."""
+    names = list(fns)
+    for _ in range(warmup):
+        for n in names:
+            fns[n]()
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(repeats):
+        for n in names[r % len(names) :] + names[: r % len(names)]:
+            start = time.perf_counter()
+            fns[n]()
+            times[n].append(time.perf_counter() - start)
+    return {n: sorted(t)[len(t) // 2] for n, t in times.items()}
+
+
+def matmul_peak_gflops(n: int = 2048, repeats: int = 5) -> float:
+    """This machine's fp32 GEMM rate (GFLOP/s): the ceiling any model's arithmetic can reach."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    t = alternate({"mm": lambda: a @ b}, repeats)["mm"]
+    return 2 * n**3 / t / 1e9
+
+
+def _gmacs(model: nn.Module, shape: tuple[int, ...]) -> float | None:
+    try:
+        return complexity(model, shape).gmacs
+    except Exception:  # a peer model the counter does not understand: leave the column empty
+        return None
+
+
+def _infer(model: nn.Module, x: Any) -> Callable[[], Any]:
+    def run() -> Any:
+        with torch.inference_mode():
+            return model(x)
+
+    return run
+
+
+def _compare(
+    s: Settings,
+    suite: str,
+    setting: str,
+    models: dict[str, nn.Module],
+    x: torch.Tensor,
+    twins: dict[str, nn.Module] | None = None,
+) -> None:
+    """Check each peer against our model carrying its weights (``twins[peer]``, else the first
+    contender), then time all contenders on ``x``. Our speed does not depend on the weights'
+    values, so one of our instances is timed against every peer."""
+    names = list(models)
+    for n in names[1:]:
+        if not n.startswith("torchvision"):
+            check_twins((twins or {}).get(n, models[names[0]]), models[n], x[:1])
+    times = alternate({n: _infer(m, x) for n, m in models.items()}, s.repeats)
+    for n in names:
+        gm = _gmacs(models[n if n.startswith("torchvision") else names[0]], tuple(x.shape[1:]))
+        s.rows.append(Row(suite, setting, n, 1e3 * times[n], s.repeats, None if gm is None else gm * x.shape[0]))
+
+
+def suite_classify(s: Settings) -> None:
+    """Batch 1: every variant (v2 against timm and HF, v1 against HF); batch 16: v2-b2 and
+    PVT-Small, with ResNet-50 beside v2-b2 (about the same GMACs)."""
+    import torchvision
+
+    from pvt.models import list_models
+
+    v2 = ["pvt_v2_b0"] if s.quick else list_models("pvt_v2_*")
+    v1 = ["pvt_tiny"] if s.quick else ["pvt_tiny", "pvt_small", "pvt_medium", "pvt_large"]
+    size = 64 if s.quick else 224
+    plan = [(1, v2, v1)] if s.quick else [(1, v2, v1), (16, ["pvt_v2_b2"], ["pvt_small"])]
+    for batch, v2_names, v1_names in plan:
+        x = torch.randn(batch, 3, size, size)
+        for name in v2_names:
+            ours, timm_model = timm_twins(name)
+            ours_hf, hf_model = hf_twins(name)
+            models = {"pvt-vision": ours, "timm": timm_model, "HF transformers": hf_model}
+            if name == "pvt_v2_b2":
+                models["torchvision resnet50"] = torchvision.models.resnet50().eval()
+            _compare(s, "classify", f"{name} {size}px batch {batch}", models, x, {"HF transformers": ours_hf})
+        # HF's v1 resizes its position tables only to 224 (its shortcut), so v1 runs at 224.
+        x = torch.randn(batch, 3, 224, 224)
+        for name in v1_names:
+            ours, hf_model = hf_twins(name)
+            _compare(s, "classify", f"{name} 224px batch {batch}", {"pvt-vision": ours, "HF transformers": hf_model}, x)
+
+
+def suite_train(s: Settings) -> None:
+    name, batch, size = ("pvt_v2_b0", 2, 64) if s.quick else ("pvt_v2_b2", 32, 224)
+    ours, peer = timm_twins(name)
+    x, y = torch.randn(batch, 3, size, size), torch.randint(0, 1000, (batch,))
+    steps: dict[str, Callable[[], Any]] = {}
+    for label, model in (("pvt-vision", ours), ("timm", peer)):
+        model.train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+        def step(model: nn.Module = model, opt: torch.optim.Optimizer = opt) -> None:
+            opt.zero_grad(set_to_none=True)
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+
+        steps[label] = step
+    repeats = max(3, s.repeats // 2)
+    times = alternate(steps, repeats)
+    for label, t in times.items():
+        s.rows.append(Row("train", f"{name} {size}px batch {batch} fwd+bwd+AdamW", label, 1e3 * t, repeats))
+
+
+def suite_dense(s: Settings) -> None:
+    import torchvision
+
+    from pvt.detection import retinanet
+
+    name = "pvt_v2_b0" if s.quick else "pvt_v2_b2"
+    sizes = [(64, 64)] if s.quick else [(512, 512), (800, 1333)]
+    ours, timm_model = timm_twins(name, features_only=True)
+    ours_hf, hf_model = hf_twins(name, backbone=True)
+    models = {"pvt-vision": ours, "timm": timm_model, "HF transformers": hf_model}
+    for h, w in sizes:
+        x = torch.randn(1, 3, h, w)
+        _compare(s, "dense", f"{name} features {h}x{w}", models, x, {"HF transformers": ours_hf})
+    # End to end, torchvision's own resize included: the papers' PVT-vs-ResNet detector pair.
+    h, w = (128, 128) if s.quick else (800, 1333)
+    backbone = "pvt_tiny" if s.quick else "pvt_small"
+    detectors = {
+        "pvt-vision": retinanet(backbone).eval(),
+        "torchvision resnet50": torchvision.models.detection.retinanet_resnet50_fpn(
+            weights=None, weights_backbone=None
+        ).eval(),
+    }
+    images = [torch.rand(3, h, w)]
+    repeats = max(3, s.repeats // 2)
+    times = alternate({n: _infer(m, images) for n, m in detectors.items()}, repeats)
+    for n, t in times.items():
+        s.rows.append(Row("dense", f"RetinaNet {backbone} vs resnet50, {h}x{w} image", n, 1e3 * t, repeats))
+
+
+_MEMORY_SNIPPET = """
+import json, resource, sys, torch
+torch.set_num_threads({threads})
+from pvt.benchmark import scaling_model
+model = scaling_model({name!r}, {size})
+x = torch.randn(1, 3, {size}, {size})
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+with torch.inference_mode():
+    model(x)
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({{"peak_mib": (after - before) / 1024}}))
+"""
+
+
+def scaling_model(name: str, size: int) -> nn.Module:
+    """A classifier that runs at ``size`` x ``size``: ours, or timm's ViT with dynamic input size."""
+    if name.startswith("vit"):
+        import timm
+
+        return timm.create_model(name, pretrained=False, dynamic_img_size=True).eval()
+    from pvt.models import create_model
+
+    return create_model(name).eval()
+
+
+def peak_memory_mib(name: str, size: int, threads: int) -> float:
+    """Peak resident memory added by one forward pass, measured in a fresh process."""
+    code = _MEMORY_SNIPPET.format(name=name, size=size, threads=threads)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return float(json.loads(out.stdout.strip().splitlines()[-1])["peak_mib"])
+
+
+def suite_scaling(s: Settings) -> None:
+    names = (
+        ["pvt_v2_b0", "vit_tiny_patch16_224"]
+        if s.quick
+        else ["pvt_small", "pvt_v2_b2", "pvt_v2_b2_li", "vit_small_patch16_224"]
+    )
+    sizes = [64, 128] if s.quick else [224, 384, 512, 768, 1024]
+    for size in sizes:
+        x = torch.randn(1, 3, size, size)
+        models = {n: scaling_model(n, size) for n in names}
+        repeats = max(3, s.repeats // 2)
+        times = alternate({n: _infer(m, x) for n, m in models.items()}, repeats)
+        for n, m in models.items():
+            gm = _gmacs(m, (3, size, size))
+            s.rows.append(
+                Row("scaling", f"{size}px", n, 1e3 * times[n], repeats, gm, peak_memory_mib(n, size, s.threads))
+            )
+
+
+def suite_precision(s: Settings) -> None:
+    name, size = ("pvt_v2_b0", 64) if s.quick else ("pvt_v2_b2", 224)
+    ours, peer = timm_twins(name)
+    x = torch.randn(1, 3, size, size)
+    variants: dict[str, Callable[[], Any]] = {}
+    for label, model in (("pvt-vision", ours), ("timm", peer)):
+        variants[f"{label} fp32 eager"] = _infer(model, x)
+
+        def bf16(model: nn.Module = model) -> Any:
+            with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+                return model(x)
+
+        variants[f"{label} bf16 eager"] = bf16
+        if s.compile:
+            compiled = torch.compile(model)
+            variants[f"{label} fp32 compile"] = _infer(compiled, x)  # type: ignore[arg-type]
+    times = alternate(variants, s.repeats, warmup=2)
+    for label, t in times.items():
+        contender, mode = label.split(" ", 1)
+        s.rows.append(Row("precision", f"{name} {size}px batch 1 {mode}", contender, 1e3 * t, s.repeats))
+
+
+def machine() -> dict[str, str]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    versions = {"python": platform.python_version(), "torch": torch.__version__}
+    for mod in ("torchvision", "timm", "transformers"):
+        try:
+            versions[mod] = __import__(mod).__version__
+        except ImportError:
+            versions[mod] = "absent"
+    return {"date": datetime.datetime.now().astimezone().isoformat(timespec="minutes"), "cpu": cpu,
+            "cores": str(os.cpu_count()), "threads": str(torch.get_num_threads()), **versions}  # fmt: skip
+
+
+def report(rows: list[Row], info: dict[str, str], peak: float) -> str:
+    """Markdown: the machine, then one table per suite; ``speed-up`` is the contender's time over
+    pvt-vision's in the same setting (above 1: pvt-vision is faster)."""
+    lines = ["# pvt-vision benchmark results", "", "Generated by `pvt bench` / `python benchmarks/run.py`; "
+             "contenders share weights (outputs checked equal first) and are timed in alternation, medians.", "",
+             "| | |", "|---|---|", *[f"| {k} | {v} |" for k, v in info.items()],
+             f"| fp32 matmul peak | {peak:.1f} GFLOP/s (2048x2048 GEMM) |", ""]  # fmt: skip
+    for suite in dict.fromkeys(r.suite for r in rows):
+        lines += [f"## {suite}", ""]
+        if suite == "scaling":
+            lines += _scaling_table([r for r in rows if r.suite == suite])
+            continue
+        lines += [
+            "| setting | contender | ms | speed-up of pvt-vision | GFLOP/s | % of peak |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in (r for r in rows if r.suite == suite):
+            ours = next((o for o in rows if o.setting == r.setting and o.contender.startswith("pvt-vision")), None)
+            speed = "" if ours is None or ours is r else f"{r.ms / ours.ms:.2f}x"
+            gf = r.gflops
+            rate = "|  |  |" if gf is None else f"| {gf:.1f} | {100 * gf / peak:.0f}% |"
+            lines.append(f"| {r.setting} | {r.contender} | {r.ms:.1f} | {speed} {rate}")
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def _scaling_table(rows: list[Row]) -> list[str]:
+    names = list(dict.fromkeys(r.contender for r in rows))
+    out = ["Latency (ms) and peak memory added by one forward (MiB), batch 1:", "",
+           "| input | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]  # fmt: skip
+    for setting in dict.fromkeys(r.setting for r in rows):
+        cells = []
+        for n in names:
+            r = next(r for r in rows if r.setting == setting and r.contender == n)
+            cells.append(f"{r.ms:.0f} ms / {r.peak_mib:.0f} MiB")
+        out.append(f"| {setting} | " + " | ".join(cells) + " |")
+    return [*out, ""]
+
+
+def plots(rows: list[Row], out_dir: Path) -> list[Path]:
+    """``scaling.png`` (latency and memory against input size) and ``speedups.png``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from pvt.checkpoint.io import atomic_write
+
+    written = []
+    scaling = [r for r in rows if r.suite == "scaling"]
+    if scaling:
+        fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)
+        for n in dict.fromkeys(r.contender for r in scaling):
+            mine = [r for r in scaling if r.contender == n]
+            sizes = [int(r.setting.removesuffix("px")) for r in mine]
+            a.plot(sizes, [r.ms for r in mine], marker="o", label=n)
+            b.plot(sizes, [r.peak_mib or 0 for r in mine], marker="o", label=n)
+        a.set(xlabel="input side (px)", ylabel="latency, batch 1 (ms)", yscale="log", title="latency")
+        b.set(xlabel="input side (px)", ylabel="peak memory of a forward (MiB)", yscale="log", title="memory")
+        a.legend()
+        path = out_dir / "scaling.png"
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+        plt.close(fig)
+        written.append(path)
+    pairs = []
+    for r in rows:
+        ours = next((o for o in rows if o.setting == r.setting and o.contender == "pvt-vision"), None)
+        if ours is not None and r is not ours and r.suite in ("classify", "train", "dense"):
+            pairs.append((f"{r.setting}\nvs {r.contender}", r.ms / ours.ms))
+    if pairs:
+        fig, ax = plt.subplots(figsize=(8, 0.35 * len(pairs) + 1), constrained_layout=True)
+        ax.barh(
+            [p[0] for p in pairs], [p[1] for p in pairs], color=["tab:green" if p[1] >= 1 else "tab:red" for p in pairs]
+        )
+        ax.axvline(1.0, color="black", linewidth=0.8)
+        ax.set(xlabel="contender's time / pvt-vision's time (above 1: pvt-vision faster)")
+        ax.invert_yaxis()
+        ax.tick_params(axis="y", labelsize=7)
+        path = out_dir / "speedups.png"
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def run(settings: Settings, out_dir: str | Path) -> Path:
+    """Run the chosen suites; write ``RESULTS.md``, ``results.json`` and the plots to ``out_dir``."""
+    from pvt.checkpoint.io import atomic_write
+
+    torch.set_num_threads(settings.threads)
+    torch.manual_seed(0)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    info = machine()
+    peak = matmul_peak_gflops(256 if settings.quick else 2048)
+    suites = {"classify": suite_classify, "train": suite_train, "dense": suite_dense,
+              "scaling": suite_scaling, "precision": suite_precision}  # fmt: skip
+    for name in settings.suites:
+        if name not in suites:
+            raise ValueError(f"unknown suite {name!r}; choose from {', '.join(SUITES)}")
+        print(f"bench: {name} ...", file=sys.stderr, flush=True)
+        suites[name](settings)
+    text = report(settings.rows, info, peak)
+    atomic_write(out / "RESULTS.md", lambda tmp: Path(tmp).write_text(text))
+    data = json.dumps(
+        {"machine": info, "matmul_peak_gflops": peak, "rows": [asdict(r) for r in settings.rows]}, indent=1
+    )
+    atomic_write(out / "results.json", lambda tmp: Path(tmp).write_text(data + "\n"))
+    plots(settings.rows, out)
+    return out / "RESULTS.md"
+
+
+__all__ = ["SUITES", "Row", "Settings", "alternate", "matmul_peak_gflops", "report", "run"]

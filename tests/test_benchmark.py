@@ -1,0 +1,56 @@
+"""The benchmark machinery on tiny inputs: twins checked, every suite's rows, the report and plots.
+(Speed itself is measured by `pvt bench`, never asserted in tests.)"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from pvt.benchmark import Row, alternate, report
+
+pytest.importorskip("timm")
+pytest.importorskip("transformers")
+
+
+def test_alternate_rotates_and_takes_medians() -> None:
+    calls: list[str] = []
+    out = alternate({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repeats=3, warmup=0)
+    assert calls == ["a", "b", "b", "a", "a", "b"] and set(out) == {"a", "b"}
+
+
+def test_twins_disagreeing_are_refused() -> None:
+    from pvt.peers import check_twins, timm_twins
+
+    ours, peer = timm_twins("pvt_v2_b0")
+    x = torch.randn(1, 3, 64, 64)
+    assert check_twins(ours, peer, x) < 1e-5
+    with torch.no_grad():
+        ours.head.bias.add_(1.0)
+    with pytest.raises(AssertionError, match="the twins disagree"):
+        check_twins(ours, peer, x)
+
+
+def test_report_speedups() -> None:
+    rows = [Row("classify", "s", "pvt-vision", 10.0, 3, gmacs=1.0), Row("classify", "s", "timm", 25.0, 3, gmacs=1.0)]
+    text = report(rows, {"cpu": "x"}, peak=400.0)
+    assert "| s | timm | 25.0 | 2.50x | 80.0 | 20% |" in text and "| s | pvt-vision | 10.0 |  | 200.0 | 50% |" in text
+
+
+def test_quick_run_writes_results_and_plots(tmp_path: Path) -> None:
+    from pvt.cli import main
+
+    assert main(["bench", "--quick", "--repeats", "1", "--no-compile", "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert {r["suite"] for r in data["rows"]} == {"classify", "train", "dense", "scaling", "precision"}
+    assert all(r["ms"] > 0 for r in data["rows"]) and data["matmul_peak_gflops"] > 0
+    assert {r["contender"] for r in data["rows"] if r["suite"] == "classify"} == {
+        "pvt-vision",
+        "timm",
+        "HF transformers",
+    }
+    text = (tmp_path / "RESULTS.md").read_text()
+    assert "## scaling" in text and "MiB" in text and "fp32 matmul peak" in text
+    assert (tmp_path / "scaling.png").stat().st_size > 0 and (tmp_path / "speedups.png").stat().st_size > 0
