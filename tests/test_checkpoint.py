@@ -184,7 +184,7 @@ def test_unbuilt_stages_are_dropped(v2_cls: pvt.PyramidBackbone) -> None:
     with torch.no_grad():
         x = torch.randn(1, 3, 64, 64)
         ref = v2_cls.forward_intermediates(x, indices=[0, 1], intermediates_only=True)
-    _assert_same(model(x), ref)
+        _assert_same(model(x), ref)
 
 
 def test_backbone_checkpoint_into_classifier() -> None:

@@ -293,3 +293,18 @@ def test_fixed_seed_outputs(name: str) -> None:
     with torch.no_grad():
         out = model(x)[0, :4]
     torch.testing.assert_close(out, torch.tensor(EXPECTED[name]), rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["pvt_small", "pvt_v2_b1", "pvt_v2_b2_li"])
+def test_inference_view_path_matches_training_path(name: str) -> None:
+    """Without autograd, tokens and images share memory (channels-last views); with it, NCHW
+    copies. Same function either way, within fp32 rounding; feature maps come out contiguous."""
+    model = pvt.create_model(name).eval()
+    x = torch.randn(2, 3, 96, 128)
+    with torch.enable_grad():
+        train_path = model(x)
+    with torch.inference_mode():
+        view_path = model(x)
+        feats = model.forward_intermediates(x, intermediates_only=True)
+    torch.testing.assert_close(view_path, train_path, rtol=0, atol=1e-5)
+    assert all(f.is_contiguous() for f in feats)

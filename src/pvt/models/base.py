@@ -183,7 +183,8 @@ class PyramidBackbone(nn.Module):
                 x = fmap = self._stage(i, x)
                 final = fmap
             if i in take:
-                feats.append(fmap.permute(0, 2, 3, 1) if output_fmt == "NHWC" else fmap)
+                # Stages hand each other channels-last views; callers get standard NCHW (or NHWC).
+                feats.append(fmap.permute(0, 2, 3, 1) if output_fmt == "NHWC" else fmap.contiguous())
         if intermediates_only:
             return feats
         return final, feats

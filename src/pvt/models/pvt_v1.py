@@ -15,7 +15,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pvt.models.base import PyramidBackbone
-from pvt.models.layers import BLOCK_NORM_EPS, Block, PatchEmbed, drop_path_rates, init_linear_and_norm
+from pvt.models.layers import (
+    BLOCK_NORM_EPS,
+    Block,
+    PatchEmbed,
+    drop_path_rates,
+    init_linear_and_norm,
+    tokens_to_image,
+)
 from pvt.models.registry import ModelCard, register_model
 
 
@@ -134,7 +141,7 @@ class PyramidVisionTransformer(PyramidBackbone):
         x, hw = self._embed(i, x)
         x = getattr(self, f"pos_drop{i + 1}")(x + self._pos(i, hw))
         x = self._blocks(self._stage_blocks(i), x, hw)
-        return x.transpose(1, 2).reshape(x.shape[0], -1, hw[0], hw[1])  # [B, C, h, w]
+        return tokens_to_image(x, hw)  # [B, C, h, w], a channels-last view
 
     def _last_stage_tokens(self, x: Tensor) -> tuple[Tensor, Tensor]:
         i = self.num_stages - 1
@@ -145,7 +152,7 @@ class PyramidVisionTransformer(PyramidBackbone):
         pos = torch.cat((table[:, :1], self._pos(i, hw)), dim=1)
         x = getattr(self, "pos_drop4")(x + pos)  # noqa: B009
         x = self._blocks(self._stage_blocks(i), x, hw)
-        fmap = x[:, 1:].transpose(1, 2).reshape(b, -1, hw[0], hw[1])
+        fmap = tokens_to_image(x[:, 1:], hw)
         return self.norm(x), fmap
 
     def _pool(self, x: Tensor) -> Tensor:

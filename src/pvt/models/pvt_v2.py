@@ -18,6 +18,7 @@ from pvt.models.layers import (
     drop_path_rates,
     init_conv_fan_out,
     init_linear_and_norm,
+    tokens_to_image,
 )
 from pvt.models.registry import ModelCard, register_model
 
@@ -99,7 +100,7 @@ class PyramidVisionTransformerV2(PyramidBackbone):
         x, hw = getattr(self, f"patch_embed{i + 1}")(x)
         x = self._blocks(self._stage_blocks(i), x, hw)
         x = getattr(self, f"norm{i + 1}")(x)
-        return x.transpose(1, 2).reshape(x.shape[0], -1, hw[0], hw[1])  # [B, C, h, w]
+        return tokens_to_image(x, hw)  # [B, C, h, w], a channels-last view
 
     def _last_stage_tokens(self, x: Tensor) -> tuple[Tensor, Tensor]:
         fmap = self._stage(self.num_stages - 1, x)
