@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never wait on a model hub
 
@@ -24,3 +25,23 @@ def perturb_(model: torch.nn.Module, std: float = 0.02) -> torch.nn.Module:
         for p in model.parameters():
             p.add_(torch.randn_like(p) * std)
     return model
+
+
+def train_two_ranks(out: Path, cache: Path, task: str, preset: str, sets: list[str]) -> dict[str, float]:
+    """Train ``preset`` for ``task`` under torchrun with two gloo processes (tests/ddp_worker.py);
+    check both ranks end with identical weights and buffers; return the run's ``final.json``."""
+    import json
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parent.parent
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(repo / "tests" / "ddp_worker.py"), str(out), task, preset, *sets]  # fmt: skip
+    env = {**os.environ, "PVT_CACHE": str(cache), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=repo, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    r0, r1 = torch.load(out / "rank0.pt"), torch.load(out / "rank1.pt")
+    assert r0.keys() == r1.keys()
+    for k in r0:
+        assert torch.equal(r0[k], r1[k]), k
+    return json.loads((out / "run" / "final.json").read_text())  # type: ignore[no-any-return]

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
+from conftest import train_two_ranks
 from pvt.cli import main as cli_main
 
 TINY = "data.shapes={image_size: 64, train_images: 8, val_images: 4, min_size: 12, max_size: 40}"
@@ -59,20 +57,10 @@ def test_short_training_run_eval_and_predict(
 
 def test_two_process_ddp_gathers_evaluation(tmp_path: Path, cache: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Two gloo ranks train Mask R-CNN in step; AP over both ranks' shards equals one process's AP."""
-    import torch
-
     sets = [TINY, "model.fpn_channels=32", "model.min_size=[64]", "model.max_size=64", "schedule.iterations=2",
             "schedule.warmup_iters=1", "data.batch_size=2", "data.workers=0", "train.progress=false",
             "model.score_thresh=0.0"]  # fmt: skip
-    repo = Path(__file__).resolve().parent.parent
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(repo / "tests" / "ddp_worker.py"), str(tmp_path), "detection", "shapes-mask-rcnn", *sets]  # fmt: skip
-    env = {**os.environ, "PVT_CACHE": str(cache), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=repo, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
-    assert r0.keys() == r1.keys() and all(torch.equal(r0[k], r1[k]) for k in r0)
-    final = json.loads((tmp_path / "run" / "final.json").read_text())
+    final = train_two_ranks(tmp_path, cache, "detection", "shapes-mask-rcnn", sets)
     capsys.readouterr()
     assert cli_main(["eval", "detection", "--checkpoint", str(tmp_path / "run" / "model.safetensors")]) == 0
     single = json.loads(capsys.readouterr().out)

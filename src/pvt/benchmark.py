@@ -63,6 +63,7 @@ class Settings:
     quick: bool = False  # tiny models and inputs: checks the machinery, not the speed
     suites: tuple[str, ...] = SUITES
     compile: bool = True
+    update: bool = False  # keep the other suites' rows of an earlier results.json in the folder
     rows: list[Row] = field(default_factory=list)
 
 
@@ -202,15 +203,21 @@ def suite_dense(s: Settings) -> None:
 
 
 _MEMORY_SNIPPET = """
-import json, resource, sys, torch
+import json, torch
 torch.set_num_threads({threads})
 from pvt.benchmark import scaling_model
 model = scaling_model({name!r}, {size})
 x = torch.randn(1, 3, {size}, {size})
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+def status(key):
+    line = next(l for l in open("/proc/self/status") if l.startswith(key))
+    return int(line.split()[1])  # kB
 with torch.inference_mode():
+    # The first forward: after it the allocator keeps freed pages, so a second one would show
+    # only what it needs beyond them.
+    before = status("VmRSS:")
+    open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to the current RSS
     model(x)
-after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    after = status("VmHWM:")
 print(json.dumps({{"peak_mib": (after - before) / 1024}}))
 """
 
@@ -227,7 +234,8 @@ def scaling_model(name: str, size: int) -> nn.Module:
 
 
 def peak_memory_mib(name: str, size: int, threads: int) -> float:
-    """Peak resident memory added by one forward pass, measured in a fresh process."""
+    """Peak resident memory a forward pass adds above the warm model (Linux: VmHWM after
+    resetting it through /proc/self/clear_refs), measured in a fresh process."""
     code = _MEMORY_SNIPPET.format(name=name, size=size, threads=threads)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return float(json.loads(out.stdout.strip().splitlines()[-1])["peak_mib"])
@@ -388,6 +396,9 @@ def run(settings: Settings, out_dir: str | Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     info = machine()
     peak = matmul_peak_gflops(256 if settings.quick else 2048)
+    if settings.update and (out / "results.json").is_file():
+        old = json.loads((out / "results.json").read_text())
+        settings.rows += [Row(**r) for r in old["rows"] if r["suite"] not in settings.suites]
     suites = {"classify": suite_classify, "train": suite_train, "dense": suite_dense,
               "scaling": suite_scaling, "precision": suite_precision}  # fmt: skip
     for name in settings.suites:

@@ -133,7 +133,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     suites = tuple(args.suites.split(",")) if args.suites else SUITES
     settings = Settings(threads=args.threads, repeats=args.repeats, quick=args.quick, suites=suites,
-                        compile=not args.no_compile)  # fmt: skip
+                        compile=not args.no_compile, update=args.update)  # fmt: skip
     print(run(settings, args.out))
     return 0
 
@@ -198,6 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=7, help="alternating rounds per comparison (median)")
     p.add_argument("--quick", action="store_true", help="tiny models and inputs: check the machinery only")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile contenders")
+    p.add_argument("--update", action="store_true", help="rerun --suites only, keep the rest of --out's results")
     p.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser("plot", help="draw a run's loss / lr / metric curves to PNG")

@@ -6,6 +6,7 @@ import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -66,3 +67,8 @@ def save_safetensors(sd: StateDict, path: str | os.PathLike[str], *, arch: str |
         meta["arch"] = arch
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in sd.items()}
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+
+
+def save_png(picture: Any, path: str | os.PathLike[str]) -> None:
+    """Write a PIL image as PNG, atomically."""
+    atomic_write(path, lambda tmp: picture.save(tmp, "PNG"))

@@ -13,10 +13,10 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from pvt.checkpoint.io import atomic_write
+from pvt.checkpoint.io import atomic_write, save_png
 from pvt.engine.config import ModelConfig, Recipe
 from pvt.engine.distributed import DistInfo, gather_objects
-from pvt.engine.task import Task
+from pvt.engine.task import Task, load_whole_model
 from pvt.tasks.detection.data import CocoDetection, DetectionData, coco_paths, collate
 from pvt.tasks.detection.evaluate import STAT_NAMES, coco_evaluate, to_coco_results
 from pvt.tasks.detection.models import mask_rcnn, mmdet_anchor_sizes, retinanet
@@ -88,10 +88,6 @@ def per_class_table(metrics: dict[str, float], types: tuple[str, ...]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def save_png(picture: Any, path: Path) -> None:
-    atomic_write(path, lambda tmp: picture.save(tmp, "PNG"))
-
-
 class DetectionTask(Task):
     name = "detection"
     data_config = DetectionData
@@ -105,16 +101,7 @@ class DetectionTask(Task):
         self._offset = 1 if self._masks else 0  # Mask R-CNN's label 0 is background
         model = build_detector(m)
         if m.checkpoint:
-            from pvt.checkpoint import read_checkpoint
-
-            sd, _ = read_checkpoint(m.checkpoint)
-            missing, unexpected = model.load_state_dict(sd, strict=False)
-            if missing or unexpected:
-                raise ValueError(
-                    f"{m.checkpoint}: not a {m.detector} on {m.name} with {m.num_classes} classes "
-                    f"({len(missing)} missing, {len(unexpected)} unexpected tensors, e.g. "
-                    f"{(missing or unexpected)[:3]}); for backbone weights use model.backbone_checkpoint"
-                )
+            load_whole_model(model, m.checkpoint, f"a {m.detector} on {m.name} with {m.num_classes} classes")
         return model
 
     def build_datasets(self, recipe: Recipe, *, train: bool = True) -> tuple[Dataset[Any] | None, Dataset[Any]]:

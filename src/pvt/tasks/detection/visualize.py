@@ -10,7 +10,7 @@ from PIL import Image
 from torch import nn
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
-from pvt.checkpoint.io import atomic_write
+from pvt.checkpoint.io import save_png
 from pvt.tasks.detection.data import CocoDetection
 
 
@@ -45,5 +45,5 @@ def predictions_vs_truth(
     grid = torch.cat(rows, dim=1) if rows else torch.zeros(3, 1, 1, dtype=torch.uint8)
     picture = Image.fromarray(grid.permute(1, 2, 0).numpy())
     dst = Path(out)
-    atomic_write(dst, lambda tmp: picture.save(tmp, "PNG"))
+    save_png(picture, dst)
     return dst

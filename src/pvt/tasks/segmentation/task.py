@@ -14,10 +14,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from pvt.checkpoint.io import atomic_write
+from pvt.checkpoint.io import save_png
 from pvt.engine.config import ModelConfig, Recipe
 from pvt.engine.distributed import DistInfo, all_reduce_sum
-from pvt.engine.task import Task
+from pvt.engine.task import Task, load_whole_model
 from pvt.tasks.segmentation.data import (
     SegmentationData,
     SegmentationFolder,
@@ -100,10 +100,6 @@ def check_settings(d: SegmentationData) -> None:
         raise ValueError(f"data.eval_ratios={d.eval_ratios}: expected positive scale ratios, e.g. [1.0]")
 
 
-def save_png(picture: Any, path: str) -> None:
-    atomic_write(path, lambda tmp: picture.save(tmp, "PNG"))
-
-
 class SegmentationTask(Task):
     name = "segmentation"
     data_config = SegmentationData
@@ -118,16 +114,7 @@ class SegmentationTask(Task):
         self._weight = torch.tensor(m.class_weight) if m.class_weight else None
         model = build_segmenter(m)
         if m.checkpoint:
-            from pvt.checkpoint import read_checkpoint
-
-            sd, _ = read_checkpoint(m.checkpoint)
-            missing, unexpected = model.load_state_dict(sd, strict=False)
-            if missing or unexpected:
-                raise ValueError(
-                    f"{m.checkpoint}: not a Semantic FPN on {m.name} with {m.num_classes} classes "
-                    f"({len(missing)} missing, {len(unexpected)} unexpected tensors, e.g. "
-                    f"{(missing or unexpected)[:3]}); for backbone weights use model.backbone_checkpoint"
-                )
+            load_whole_model(model, m.checkpoint, f"a Semantic FPN on {m.name} with {m.num_classes} classes")
         if m.sync_bn and torch.distributed.is_initialized() and torch.cuda.is_available():
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         return model

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from pvt.checkpoint.io import atomic_write
+from pvt.checkpoint.io import save_png
 from pvt.tasks.segmentation.data import SegmentationFolder
 from pvt.tasks.segmentation.inference import predict_labels
 from pvt.tasks.segmentation.task import overlay, palette
@@ -39,5 +39,5 @@ def predictions_vs_truth(
     grid = np.concatenate([np.pad(r, ((0, 4), (0, width - r.shape[1]), (0, 0)), constant_values=255) for r in rows])
     picture = Image.fromarray(grid)
     dst = Path(out)
-    atomic_write(dst, lambda tmp: picture.save(tmp, "PNG"))
+    save_png(picture, dst)
     return dst
