@@ -74,6 +74,13 @@ def test_short_training_run_eval_and_predict(tmp_path: Path, cache: Path, capsys
     expected = predict_labels(model, x, scale=(128, 64))
     assert np.array_equal(np.asarray(label), expected.numpy())
 
+    # The demo's picture: one row per validation image (image | truth | prediction).
+    from pvt.tasks.segmentation.visualize import predictions_vs_truth
+
+    _, val = task.build_datasets(recipe, train=False)
+    png = predictions_vs_truth(model, val, tmp_path / "pv.png", count=2, **task.infer_kwargs(recipe.data))
+    assert Image.open(png).size == (3 * 64 + 8, 2 * (64 + 4))
+
 
 def test_two_process_ddp_reduces_the_confusion_matrix(
     tmp_path: Path, cache: Path, capsys: pytest.CaptureFixture[str]
