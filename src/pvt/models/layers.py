@@ -36,6 +36,8 @@ def tokens_to_image(x: Tensor, hw: tuple[int, int]) -> Tensor:
 def image_to_tokens(x: Tensor) -> Tensor:
     """``[B, C, H, W]`` -> ``[B, H*W, C]``; free for a channels-last image (what the convolutions
     return for channels-last input), one copy otherwise."""
+    if torch.is_grad_enabled():  # training: the strided view the layers have always been trained on
+        return x.flatten(2).transpose(1, 2)
     b, c, h, w = x.shape
     return x.permute(0, 2, 3, 1).reshape(b, h * w, c)
 
