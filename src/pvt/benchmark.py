@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from pvt.complexity import complexity
+from pvt.models import fused
 from pvt.peers import check_twins, hf_twins, timm_twins
 
 SUITES = ("classify", "train", "dense", "scaling", "precision")
@@ -276,6 +277,16 @@ def suite_precision(s: Settings) -> None:
         if s.compile:
             compiled = torch.compile(model)
             variants[f"{label} fp32 compile"] = _infer(compiled, x)  # type: ignore[arg-type]
+    run_ours = variants["pvt-vision fp32 eager"]
+
+    def unfused() -> Any:  # the same model on plain ops: what the fused kernels are worth
+        previous = fused.set_enabled(False)
+        try:
+            return run_ours()
+        finally:
+            fused.set_enabled(previous)
+
+    variants["pvt-vision fp32 eager-unfused"] = unfused
     times = alternate(variants, s.repeats, warmup=2)
     for label, t in times.items():
         contender, mode = label.split(" ", 1)

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pvt.models import fused
+
 # Blocks and stage norms use eps 1e-6 (the official `norm_layer`); patch-embedding and
 # spatial-reduction norms are plain `nn.LayerNorm`, i.e. eps 1e-5, in the official code.
 BLOCK_NORM_EPS = 1e-6
@@ -164,11 +166,25 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, hw: tuple[int, int]) -> Tensor:
         """``[B, N, C]`` -> ``[B, N, C]``; ``hw`` is the token grid (N may add a cls token)."""
-        b, n, c = x.shape
+        b, n, _ = x.shape
         q = self.q(x).reshape(b, n, self.num_heads, self.head_dim).permute(0, 2, 1, 3)
         x_ = self._reduce(x, hw)
         # Rows [0:C] of kv.weight are K and [C:2C] V, each split head-major (official layout).
         kv = self.kv(x_).reshape(b, -1, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        out = self._attend(q, kv)
+        return self.proj_drop(self.proj(out))
+
+    def forward_fused(self, x: Tensor, hw: tuple[int, int], residual: Tensor) -> Tensor:
+        """``residual + forward(x, hw)`` with fused kernels (inference; see ``pvt.models.fused``)."""
+        b, n, _ = x.shape
+        q = fused.linear(x, self.q).reshape(b, n, self.num_heads, self.head_dim).permute(0, 2, 1, 3)
+        kv = fused.linear(self._reduce(x, hw), self.kv)
+        kv = kv.reshape(b, -1, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        return fused.linear_add(self._attend(q, kv), self.proj, residual)
+
+    def _attend(self, q: Tensor, kv: Tensor) -> Tensor:
+        """Heads ``q [B, heads, N, d]`` over ``kv [2, B, heads, N', d]`` -> ``[B, N, C]``."""
+        b, _, n, _ = q.shape
         k, v = kv.unbind(0)  # each [B, heads, N', d]
 
         if self.fused_attn:
@@ -178,8 +194,7 @@ class Attention(nn.Module):
             # Softmax in fp32: under fp16 autocast the logits would overflow.
             attn = self.attn_drop(attn.softmax(dim=-1, dtype=torch.float32).to(v.dtype))
             out = attn @ v
-        out = out.transpose(1, 2).reshape(b, n, c)
-        return self.proj_drop(self.proj(out))
+        return out.transpose(1, 2).reshape(b, n, self.dim)
 
 
 class DWConv(nn.Module):
@@ -222,6 +237,19 @@ class Mlp(nn.Module):
         x = self.drop(self.act(x))
         return self.drop(self.fc2(x))
 
+    def forward_fused(self, x: Tensor, hw: tuple[int, int], residual: Tensor) -> Tensor:
+        """``residual + forward(x, hw)`` with fused kernels (inference; see ``pvt.models.fused``):
+        the activation runs in the epilogue of fc1 (v1) or of the depthwise conv (v2)."""
+        linear = isinstance(self.relu, nn.ReLU)
+        if self.dwconv is not None:
+            x = fused.linear(x, self.fc1, "relu" if linear else "none")
+            x = image_to_tokens(fused.conv2d(tokens_to_image(x, hw), self.dwconv.dwconv, "gelu"))
+        elif linear:
+            x = self.act(fused.linear(x, self.fc1, "relu"))
+        else:
+            x = fused.linear(x, self.fc1, "gelu")
+        return fused.linear_add(x, self.fc2, residual)
+
 
 class Block(nn.Module):
     """Pre-norm transformer block: ``x + attn(norm1(x))``, then ``x + mlp(norm2(x))``."""
@@ -259,6 +287,9 @@ class Block(nn.Module):
 
     def forward(self, x: Tensor, hw: tuple[int, int]) -> Tensor:
         """``[B, N, C]`` -> ``[B, N, C]``."""
+        if fused.usable(self, x):  # eval-mode CPU inference: same maths, fewer memory passes
+            x = self.attn.forward_fused(self.norm1(x), hw, x)
+            return self.mlp.forward_fused(self.norm2(x), hw, x)
         x = x + self.drop_path(self.attn(self.norm1(x), hw))
         x = x + self.drop_path(self.mlp(self.norm2(x), hw))
         return x
