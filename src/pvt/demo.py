@@ -1,7 +1,7 @@
 """``make demo``: the measured zoo table, multi-scale features of a real photo, then real tasks:
 train the ``digits`` classification preset (a few minutes) and the ``shapes-retinanet`` detection
 preset (about 10 minutes) end to end on this CPU, evaluate them, and draw curves and predictions.
-With ``--segmentation`` it also trains the ``shapes-semantic-fpn`` preset (about 10 minutes more).
+With ``--segmentation`` it also trains the ``shapes-semantic-fpn`` preset (about 12 minutes more).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def load_photo() -> tuple[str, torch.Tensor]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m pvt.demo", description=__doc__)
     parser.add_argument("runs", nargs="?", type=Path, default=Path("runs"), help="where the runs go")
-    parser.add_argument("--segmentation", action="store_true", help="also train shapes-semantic-fpn (~10 min)")
+    parser.add_argument("--segmentation", action="store_true", help="also train shapes-semantic-fpn (~12 min)")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     print("Model zoo, measured from the code (params with the 1000-class head; GMACs are the")
