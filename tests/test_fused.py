@@ -100,3 +100,14 @@ def test_complexity_counts_every_layer_under_the_fused_path() -> None:
         fused.set_enabled(previous)
     assert with_fused.gmacs == pytest.approx(plain.gmacs, rel=0)
     assert with_fused.gmacs == pytest.approx(0.57, abs=0.02)
+
+
+def test_traced_graph_has_standard_ops_only() -> None:
+    """Exporters (``torch.jit.trace``, ONNX) must not see the oneDNN-only ops."""
+    model = pvt.create_model("pvt_v2_b0").eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        traced = torch.jit.trace(model, x)
+        torch.testing.assert_close(traced(x), model(x), rtol=0, atol=1e-5)
+    graph = str(traced.inlined_graph)
+    assert "aten::linear" in graph and "mkldnn::" not in graph

@@ -44,7 +44,8 @@ def usable(module: nn.Module, x: Tensor) -> bool:
         return False
     if x.device.type != "cpu" or x.dtype != torch.float32 or torch.is_autocast_enabled("cpu"):
         return False
-    if torch.compiler.is_compiling() or torch.jit.is_tracing():  # exporters want standard ops
+    # Compilers fuse on their own; exporters want standard ops.
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():  # type: ignore[attr-defined]
         return False
     if _module._global_forward_hooks or _module._global_forward_pre_hooks:
         return False
