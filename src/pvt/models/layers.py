@@ -166,25 +166,20 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, hw: tuple[int, int]) -> Tensor:
         """``[B, N, C]`` -> ``[B, N, C]``; ``hw`` is the token grid (N may add a cls token)."""
-        b, n, _ = x.shape
-        q = self.q(x).reshape(b, n, self.num_heads, self.head_dim).permute(0, 2, 1, 3)
-        x_ = self._reduce(x, hw)
-        # Rows [0:C] of kv.weight are K and [C:2C] V, each split head-major (official layout).
-        kv = self.kv(x_).reshape(b, -1, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        out = self._attend(q, kv)
+        out = self._attend(self.q(x), self.kv(self._reduce(x, hw)))
         return self.proj_drop(self.proj(out))
 
     def forward_fused(self, x: Tensor, hw: tuple[int, int], residual: Tensor) -> Tensor:
         """``residual + forward(x, hw)`` with fused kernels (inference; see ``pvt.models.fused``)."""
-        b, n, _ = x.shape
-        q = fused.linear(x, self.q).reshape(b, n, self.num_heads, self.head_dim).permute(0, 2, 1, 3)
-        kv = fused.linear(self._reduce(x, hw), self.kv)
-        kv = kv.reshape(b, -1, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        return fused.linear_add(self._attend(q, kv), self.proj, residual)
+        out = self._attend(fused.linear(x, self.q), fused.linear(self._reduce(x, hw), self.kv))
+        return fused.linear_add(out, self.proj, residual)
 
     def _attend(self, q: Tensor, kv: Tensor) -> Tensor:
-        """Heads ``q [B, heads, N, d]`` over ``kv [2, B, heads, N', d]`` -> ``[B, N, C]``."""
-        b, _, n, _ = q.shape
+        """Queries ``[B, N, C]`` over keys and values ``[B, N', 2C]`` -> ``[B, N, C]``."""
+        b, n, _ = q.shape
+        q = q.reshape(b, n, self.num_heads, self.head_dim).permute(0, 2, 1, 3)
+        # Rows [0:C] of kv.weight are K and [C:2C] V, each split head-major (official layout).
+        kv = kv.reshape(b, -1, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         k, v = kv.unbind(0)  # each [B, heads, N', d]
 
         if self.fused_attn:
