@@ -111,3 +111,53 @@ def test_traced_graph_has_standard_ops_only() -> None:
         torch.testing.assert_close(traced(x), model(x), rtol=0, atol=1e-5)
     graph = str(traced.inlined_graph)
     assert "aten::linear" in graph and "mkldnn::" not in graph
+
+
+def plain_forward(model: nn.Module, x: Tensor) -> Tensor:
+    previous = fused.set_enabled(False)
+    try:
+        with torch.no_grad():
+            return model(x)
+    finally:
+        fused.set_enabled(previous)
+
+
+def test_packed_weights_follow_the_weights() -> None:
+    """The prepacked copies are refreshed whenever the weights or the input size change, so the
+    fused path never runs on stale weights."""
+    torch.manual_seed(0)
+    model = pvt.create_model("pvt_v2_b0", num_classes=10).eval()
+    other = pvt.create_model("pvt_v2_b0", num_classes=10).eval()
+    x, y = torch.randn(1, 3, 64, 64), torch.randn(2, 3, 96, 80)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), plain_forward(model, x), rtol=0, atol=1e-5)
+        assert len(fused._packed) > 0
+        torch.testing.assert_close(model(y), plain_forward(model, y), rtol=0, atol=1e-5)  # another size: convs repack
+        model.load_state_dict(other.state_dict())  # copies into the same tensors (new versions)
+        torch.testing.assert_close(model(x), plain_forward(other, x), rtol=0, atol=1e-5)
+        for p in model.parameters():
+            p.mul_(0.9)  # in place under no_grad, like an EMA update
+        torch.testing.assert_close(model(x), plain_forward(model, x), rtol=0, atol=1e-5)
+        assert not torch.allclose(model(x), other(x), atol=1e-3)
+        # `.data` edits are invisible to torch's version counter; eval() drops the packs.
+        model.block1[0].mlp.fc2.weight.data.zero_()  # type: ignore[index, union-attr]
+        model.eval()
+        assert not any(p in fused._packed for p in model.parameters())
+        torch.testing.assert_close(model(x), plain_forward(model, x), rtol=0, atol=1e-5)
+
+
+def test_packing_can_be_turned_off() -> None:
+    torch.manual_seed(0)
+    model = pvt.create_model("pvt_v2_b0", num_classes=10).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        packed = model(x)
+        previous = fused.set_packing(False)
+        try:
+            assert len(fused._packed) == 0
+            unpacked = model(x)
+            assert len(fused._packed) == 0
+        finally:
+            fused.set_packing(previous)
+    torch.testing.assert_close(unpacked, packed, rtol=0, atol=1e-5)
+    torch.testing.assert_close(unpacked, plain_forward(model, x), rtol=0, atol=1e-5)

@@ -120,15 +120,17 @@ def _compare(
     for n in names[1:]:
         if not n.startswith("torchvision"):
             check_twins((twins or {}).get(n, models[names[0]]), models[n], x[:1])
-    times = alternate({n: _infer(m, x) for n, m in models.items()}, s.repeats)
+    # Batch 1 is quick and the noisiest (run-to-run spread of 20-50% here): twice the repeats.
+    repeats = 2 * s.repeats if x.shape[0] == 1 else s.repeats
+    times = alternate({n: _infer(m, x) for n, m in models.items()}, repeats)
     for n in names:
         gm = _gmacs(models[n if n.startswith("torchvision") else names[0]], tuple(x.shape[1:]))
-        s.rows.append(Row(suite, setting, n, 1e3 * times[n], s.repeats, None if gm is None else gm * x.shape[0]))
+        s.rows.append(Row(suite, setting, n, 1e3 * times[n], repeats, None if gm is None else gm * x.shape[0]))
 
 
 def suite_classify(s: Settings) -> None:
     """Batch 1: every variant (v2 against timm and HF, v1 against HF); batch 16: v2-b2 and
-    PVT-Small, with ResNet-50 beside v2-b2 (about the same GMACs)."""
+    PVT-Small; batch 32: v2-b2; ResNet-50 beside v2-b2 (about the same GMACs)."""
     import torchvision
 
     from pvt.models import list_models
@@ -136,7 +138,7 @@ def suite_classify(s: Settings) -> None:
     v2 = ["pvt_v2_b0"] if s.quick else list_models("pvt_v2_*")
     v1 = ["pvt_tiny"] if s.quick else ["pvt_tiny", "pvt_small", "pvt_medium", "pvt_large"]
     size = 64 if s.quick else 224
-    plan = [(1, v2, v1)] if s.quick else [(1, v2, v1), (16, ["pvt_v2_b2"], ["pvt_small"])]
+    plan = [(1, v2, v1)] if s.quick else [(1, v2, v1), (16, ["pvt_v2_b2"], ["pvt_small"]), (32, ["pvt_v2_b2"], [])]
     for batch, v2_names, v1_names in plan:
         x = torch.randn(batch, 3, size, size)
         for name in v2_names:
@@ -213,8 +215,9 @@ def status(key):
     line = next(l for l in open("/proc/self/status") if l.startswith(key))
     return int(line.split()[1])  # kB
 with torch.inference_mode():
-    # The first forward: after it the allocator keeps freed pages, so a second one would show
-    # only what it needs beyond them.
+    model(torch.randn(1, 3, 64, 64))  # warm: one-off state such as prepacked weights exists now
+    # The first forward at this size: after it the allocator keeps freed pages, so a second one
+    # would show only what it needs beyond them.
     before = status("VmRSS:")
     open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to the current RSS
     model(x)
@@ -236,7 +239,8 @@ def scaling_model(name: str, size: int) -> nn.Module:
 
 def peak_memory_mib(name: str, size: int, threads: int) -> float:
     """Peak resident memory a forward pass adds above the warm model (Linux: VmHWM after
-    resetting it through /proc/self/clear_refs), measured in a fresh process."""
+    resetting it through /proc/self/clear_refs), measured in a fresh process: the activations'
+    cost of the input size, without the weights or their prepacked copies."""
     code = _MEMORY_SNIPPET.format(name=name, size=size, threads=threads)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return float(json.loads(out.stdout.strip().splitlines()[-1])["peak_mib"])
@@ -286,7 +290,15 @@ def suite_precision(s: Settings) -> None:
         finally:
             fused.set_enabled(previous)
 
+    def unpacked() -> Any:  # fused kernels on plain weights: what prepacking is worth
+        previous = fused.set_packing(False, release_packed=False)
+        try:
+            return run_ours()
+        finally:
+            fused.set_packing(previous)
+
     variants["pvt-vision fp32 eager-unfused"] = unfused
+    variants["pvt-vision fp32 eager-unpacked"] = unpacked
     times = alternate(variants, s.repeats, warmup=2)
     for label, t in times.items():
         contender, mode = label.split(" ", 1)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from pvt.models import fused
 from pvt.models.layers import Attention, Block
 
 
@@ -257,6 +258,7 @@ class PyramidBackbone(nn.Module):
 
     def train(self, mode: bool = True) -> PyramidBackbone:
         super().train(mode)
+        fused.release(self)  # eval() starts from the weights as they are now (see pvt.models.fused)
         for i in range(self.frozen_stages):
             for m in self.stage_modules(i):
                 m.eval()

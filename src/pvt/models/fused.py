@@ -6,6 +6,13 @@ Why: profiled at batch 16, a PVT v2 spends ~13% of its CPU time broadcasting bia
 4x-expanded hidden layer); the fused kernels write each output once. Numerics are those of the
 plain ops (same GEMM; erf GELU), checked against them in the tests.
 
+Weights are handed to oneDNN prepacked in its blocked layout (what ``torch.compile``'s freezing
+does): unpacked, oneDNN reorders every weight on every call, which measured up to 2x the GEMM
+itself for the wide-K layers (fc2) at batch 1. The packed copy costs the weight's size in memory
+once; it is refreshed when the weight changes through a tracked op (``load_state_dict``, optimizer
+steps, in-place ops under ``no_grad``, ``.to()``) and dropped by ``release`` and by the models'
+``train()`` / ``eval()`` (an edit through ``.data``, which torch does not track, is seen after them).
+
 Used only where nothing can notice the difference: CPU, fp32, no autograd, eval mode, no
 autocast, not while ``torch.compile`` or ``torch.jit.trace`` traces (the compiler fuses on its
 own; exporters want standard ops), and no forward hooks on the modules involved (``pvt.complexity``
@@ -17,17 +24,22 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 from torch.nn.modules import module as _module
+from torch.utils.weak import WeakTensorKeyDictionary
 
 
 def _ops_available() -> bool:
     try:
-        return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+        ops = ("_linear_pointwise", "_convolution_pointwise", "_reorder_linear_weight", "_reorder_convolution_weight")
+        return torch.backends.mkldnn.is_available() and all(hasattr(torch.ops.mkldnn, op) for op in ops)
     except (AttributeError, RuntimeError):  # a build without oneDNN
         return False
 
 
 AVAILABLE = _ops_available()
 _enabled = True
+_packing = True
+# weight -> ((data_ptr, version) it was packed from, packed copy); entries go with their weights.
+_packed: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
 
 
 def set_enabled(enabled: bool) -> bool:
@@ -35,6 +47,17 @@ def set_enabled(enabled: bool) -> bool:
     returns the previous setting."""
     global _enabled
     previous, _enabled = _enabled, enabled
+    return previous
+
+
+def set_packing(enabled: bool, *, release_packed: bool = True) -> bool:
+    """Turn weight prepacking on or off (off: oneDNN reorders the weights on every call, and no
+    extra memory); returns the previous setting. Turning it off frees the packed copies unless
+    ``release_packed`` is False (to compare both ways without repacking)."""
+    global _packing
+    previous, _packing = _packing, enabled
+    if not enabled and release_packed:
+        release()
     return previous
 
 
@@ -53,15 +76,47 @@ def usable(module: nn.Module, x: Tensor) -> bool:
     return not any(m.training or m._forward_hooks or m._forward_pre_hooks for m in module.modules())
 
 
+def release(module: nn.Module | None = None) -> None:
+    """Drop the packed weights of ``module``'s parameters (of every module when None)."""
+    if module is None:
+        _packed.clear()
+        return
+    for p in module.parameters():
+        _packed.pop(p, None)
+
+
+def packed_weight(layer: nn.Linear | nn.Conv2d, x: Tensor | None = None) -> Tensor:
+    """``layer.weight`` in oneDNN's blocked layout, packed on first use and reused until the weight
+    changes (a new tensor or a bumped version counter). A convolution's packing depends on its
+    input's shape (``x``; packed without it, oneDNN picked formats up to 50x slower), so the latest
+    shape is kept and another shape repacks."""
+    w = layer.weight
+    if not _packing:
+        return w
+    stamp = (w.data_ptr(), w._version, None if x is None else tuple(x.shape))
+    hit = _packed.get(w)
+    if hit is not None and hit[0] == stamp:
+        return hit[1]
+    if isinstance(layer, nn.Linear):
+        packed = torch.ops.mkldnn._reorder_linear_weight(w)
+    else:
+        assert x is not None and isinstance(layer.padding, tuple), "a conv packs for its input shape"
+        packed = torch.ops.mkldnn._reorder_convolution_weight(
+            w, list(layer.padding), list(layer.stride), list(layer.dilation), layer.groups, list(x.shape)
+        )
+    _packed[w] = (stamp, packed)
+    return packed
+
+
 def linear(x: Tensor, layer: nn.Linear, act: str = "none") -> Tensor:
     """``act(layer(x))`` for ``act`` in none / relu / gelu (erf), in one kernel."""
     algorithm = "none" if act == "gelu" else ""
-    return torch.ops.mkldnn._linear_pointwise(x, layer.weight, layer.bias, act, [], algorithm)
+    return torch.ops.mkldnn._linear_pointwise(x, packed_weight(layer), layer.bias, act, [], algorithm)
 
 
 def linear_add(x: Tensor, layer: nn.Linear, residual: Tensor) -> Tensor:
     """``residual + layer(x)`` in one kernel (a new tensor; ``residual`` is not modified)."""
-    return torch.ops.mkldnn._linear_pointwise.binary(x, residual, layer.weight, layer.bias, "add")
+    return torch.ops.mkldnn._linear_pointwise.binary(x, residual, packed_weight(layer), layer.bias, "add")
 
 
 def conv2d(x: Tensor, layer: nn.Conv2d, act: str = "none") -> Tensor:
@@ -70,7 +125,7 @@ def conv2d(x: Tensor, layer: nn.Conv2d, act: str = "none") -> Tensor:
     algorithm = "none" if act == "gelu" else ""
     return torch.ops.mkldnn._convolution_pointwise(
         x,
-        layer.weight,
+        packed_weight(layer, x),
         layer.bias,
         list(layer.padding),
         list(layer.stride),

@@ -88,7 +88,7 @@ class PatchEmbed(nn.Module):
         # output (see tokens_to_image for why training keeps NCHW).
         if not torch.is_grad_enabled():
             x = x.contiguous(memory_format=torch.channels_last)
-        x = self.proj(x)
+        x = fused.conv2d(x, self.proj) if fused.usable(self, x) else self.proj(x)
         hw = (x.shape[2], x.shape[3])
         return self.norm(image_to_tokens(x)), hw
 
@@ -150,14 +150,14 @@ class Attention(nn.Module):
             return h // self.sr_ratio, w // self.sr_ratio
         return h, w
 
-    def _reduce(self, x: Tensor, hw: tuple[int, int]) -> Tensor:
+    def _reduce(self, x: Tensor, hw: tuple[int, int], use_fused: bool = False) -> Tensor:
         """``[B, N, C]`` -> reduced ``[B, N', C]`` key/value source."""
         if self.sr is None:
             return x
         x_ = tokens_to_image(x, hw)
         if self.pool is not None:
             x_ = self.pool(x_)
-        x_ = image_to_tokens(self.sr(x_))
+        x_ = image_to_tokens(fused.conv2d(x_, self.sr) if use_fused else self.sr(x_))
         assert self.norm is not None
         x_ = self.norm(x_)
         if self.act is not None:
@@ -171,7 +171,7 @@ class Attention(nn.Module):
 
     def forward_fused(self, x: Tensor, hw: tuple[int, int], residual: Tensor) -> Tensor:
         """``residual + forward(x, hw)`` with fused kernels (inference; see ``pvt.models.fused``)."""
-        out = self._attend(fused.linear(x, self.q), fused.linear(self._reduce(x, hw), self.kv))
+        out = self._attend(fused.linear(x, self.q), fused.linear(self._reduce(x, hw, True), self.kv))
         return fused.linear_add(out, self.proj, residual)
 
     def _attend(self, q: Tensor, kv: Tensor) -> Tensor:
