@@ -6,12 +6,13 @@ loads the peer's state dict) and checks their outputs agree before timing; conte
 in alternation, round after round, and the median is reported, so a machine's drift hits all
 of them alike.
 
-Suites: ``classify`` (224x224, eval, batch 1 and 16: ours vs timm ``pvt_v2_*`` and vs HF
+Suites: ``classify`` (224x224, eval, batch 1, 16 and 32: ours vs timm ``pvt_v2_*`` and vs HF
 transformers' Pvt / PvtV2, torchvision ResNet-50 as the CNN reference), ``train`` (forward,
 backward and AdamW step at batch 32), ``dense`` (multi-scale features at 512x512 and 800x1333;
 RetinaNet-PVT-Small vs torchvision's RetinaNet-ResNet-50 at 800x1333), ``scaling`` (latency and
 peak memory from 224 to 1024 px: PVT-Small, v2-b2, v2-b2-li vs timm ViT-Small/16), ``precision``
-(fp32 / bf16 autocast, eager / ``torch.compile``) and the machine's fp32 matmul peak.
+(fp32 / bf16 autocast, eager / ``torch.compile``, ours without fused kernels or packed weights)
+and the machine's fp32 matmul peak. The process keeps freed memory (``pvt.runtime``) for all.
 """
 
 from __future__ import annotations
