@@ -161,3 +161,21 @@ def test_packing_can_be_turned_off() -> None:
             fused.set_packing(previous)
     torch.testing.assert_close(unpacked, packed, rtol=0, atol=1e-5)
     torch.testing.assert_close(unpacked, plain_forward(model, x), rtol=0, atol=1e-5)
+
+
+def test_packed_weights_follow_an_ema_update() -> None:
+    """The trainer's EMA (``AveragedModel``) updates its weights in place between evaluations."""
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    torch.manual_seed(0)
+    model = pvt.create_model("pvt_v2_b0", num_classes=10)
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.5))
+    ema.module.eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        ema.module(x)  # packs
+        for p in model.parameters():
+            p.add_(0.01)
+        ema.update_parameters(model)
+        ema.update_parameters(model)
+        torch.testing.assert_close(ema.module(x), plain_forward(ema.module, x), rtol=0, atol=1e-5)
