@@ -38,7 +38,8 @@ def _ops_available() -> bool:
 AVAILABLE = _ops_available()
 _enabled = True
 _packing = True
-# weight -> ((data_ptr, version) it was packed from, packed copy); entries go with their weights.
+# weight -> ((data_ptr, version, conv input shape) it was packed for, packed copy); entries go
+# with their weights.
 _packed: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
 
 
