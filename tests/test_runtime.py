@@ -9,15 +9,15 @@ import pytest
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt")
 
-# A forward pass in miniature: three 8 MiB activations alive at once (above glibc's initial 128 KiB
-# mmap threshold), then all freed; prints the minor page faults of the last 20 rounds.
+# A forward pass in miniature, with freed memory kept: three 8 MiB activations alive at once (above
+# glibc's initial 128 KiB mmap threshold), then all freed; prints the minor page faults of the
+# last 20 rounds.
 _SNIPPET = """
-import resource, sys, torch
+import resource, torch
 from pvt.runtime import keep_freed_memory
-if sys.argv[1] == "keep":
-    assert keep_freed_memory() and keep_freed_memory()
-for i in range(25):
-    if i == 5:  # after the allocator's first growth
+assert keep_freed_memory() and keep_freed_memory()  # the second call is a no-op
+for i in range(30):
+    if i == 10:  # after the allocator's first growth
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     a = torch.ones(2 << 20)
     b = a + 1
@@ -27,15 +27,12 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
 
-def faults(mode: str) -> int:
-    out = subprocess.run([sys.executable, "-c", _SNIPPET, mode], capture_output=True, text=True, check=True)
-    return int(out.stdout.split()[-1])
-
-
 def test_keeping_freed_memory_removes_page_faults() -> None:
-    # 60 allocations of 2048 pages: kept, none faults. Without it the count depends on the
-    # allocator's history (0 to 122,240 in 12 runs of this snippet), so it is not asserted.
-    assert faults("keep") < 500
+    # 60 allocations of 2048 pages. Kept: 0 faults in most runs, one late heap growth of one block
+    # (2048) in about one in five (40 runs). Returned to the OS: 4,064 to 122,240 (= 20 rounds x 3
+    # x 2048) in 11 of 12 runs, 0 in one, depending on the allocator's history.
+    out = subprocess.run([sys.executable, "-c", _SNIPPET], capture_output=True, text=True, check=True)
+    assert int(out.stdout.split()[-1]) < 3000
 
 
 def test_cli_keeps_freed_memory() -> None:

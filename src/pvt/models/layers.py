@@ -171,7 +171,7 @@ class Attention(nn.Module):
 
     def forward_fused(self, x: Tensor, hw: tuple[int, int], residual: Tensor) -> Tensor:
         """``residual + forward(x, hw)`` with fused kernels (inference; see ``pvt.models.fused``)."""
-        out = self._attend(fused.linear(x, self.q), fused.linear(self._reduce(x, hw, True), self.kv))
+        out = self._attend(fused.linear(x, self.q), fused.linear(self._reduce(x, hw, use_fused=True), self.kv))
         return fused.linear_add(out, self.proj, residual)
 
     def _attend(self, q: Tensor, kv: Tensor) -> Tensor:
