@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import os
+import pickle
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +33,43 @@ def read_checkpoint(path: str | os.PathLike[str]) -> tuple[StateDict, dict[str, 
         except (SafetensorError, OSError, ValueError) as e:
             raise CheckpointError(f"{p}: not a readable safetensors file ({e}); re-export it") from e
         return sd, meta
+    return unwrap(read_checkpoint_object(p), str(p)), {}
+
+
+def _inert_class(qualified: str) -> type:
+    """A stand-in for a class a checkpoint pickles: it stores its arguments and runs nothing."""
+    module, _, name = qualified.rpartition(".")
+
+    def init(self: Any, *args: Any, **kwargs: Any) -> None:
+        self.args, self.kwargs = args, kwargs
+
+    def setstate(self: Any, state: Any) -> None:
+        self.state = state
+
+    attrs = {"__module__": module, "__qualname__": name, "__init__": init, "__setstate__": setstate}
+    return type(name, (), attrs)
+
+
+def read_checkpoint_object(path: str | os.PathLike[str]) -> Any:
+    """The whole saved object of a torch file, read with ``weights_only=True``.
+
+    mmcv / mmengine files keep training metadata next to the weights (numpy scalars, config
+    objects, message-hub buffers) that ``weights_only`` refuses. Those globals are replaced by
+    inert stand-ins (classes that store their arguments and execute nothing), so the tensors and
+    plain metadata are read without ever importing or running the pickled code.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise CheckpointError(f"{p}: checkpoint file not found")
     try:
-        obj = torch.load(p, map_location="cpu", weights_only=True)
+        try:
+            return torch.load(p, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:
+            names = torch.serialization.get_unsafe_globals_in_checkpoint(p)
+            if not names:
+                raise
+            with torch.serialization.safe_globals([_inert_class(n) for n in names]):
+                return torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:  # a corrupt pickle can raise almost anything
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(
@@ -41,7 +77,6 @@ def read_checkpoint(path: str | os.PathLike[str]) -> tuple[StateDict, dict[str, 
             "If the file is truncated, download it again; if it is trusted but pickles Python "
             "objects, re-save just its state dict: torch.save(model.state_dict(), path)"
         ) from e
-    return unwrap(obj, str(p)), {}
 
 
 def atomic_write(path: str | os.PathLike[str], write: Callable[[str], object]) -> None:
@@ -60,9 +95,19 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[str], object]) -
         raise
 
 
-def save_safetensors(sd: StateDict, path: str | os.PathLike[str], *, arch: str | None = None) -> None:
-    """Write ``sd`` (official names) as this project's safetensors, atomically."""
-    meta = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION}
+def save_safetensors(
+    sd: StateDict,
+    path: str | os.PathLike[str],
+    *,
+    arch: str | None = None,
+    metadata: Mapping[str, str] | None = None,
+) -> None:
+    """Write ``sd`` (official names) as this project's safetensors, atomically.
+
+    ``metadata``: extra string fields kept in the file's header (a whole model's backbone, class
+    count, class names, ...); ``format`` and ``arch`` are always this function's.
+    """
+    meta = {**(metadata or {}), "format": FORMAT_NAME, "format_version": FORMAT_VERSION}
     if arch:
         meta["arch"] = arch
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in sd.items()}

@@ -53,10 +53,16 @@ def unwrap(obj: object, source: str = "state dict") -> StateDict:
     )
 
 
+def strip_module_prefix(sd: StateDict) -> tuple[StateDict, bool]:
+    """Strip DDP's ``module.`` when every key has it -> (state dict, whether it was stripped)."""
+    if sd and all(k.startswith("module.") for k in sd):
+        return {k[len("module.") :]: v for k, v in sd.items()}, True
+    return sd, False
+
+
 def split_prefixes(sd: StateDict) -> tuple[StateDict, list[str]]:
     """Strip DDP's ``module.`` and keep a detector's ``backbone.*`` (its other keys are returned)."""
-    if sd and all(k.startswith("module.") for k in sd):
-        sd = {k[len("module.") :]: v for k, v in sd.items()}
+    sd, _ = strip_module_prefix(sd)
     if any(k.startswith("backbone.") for k in sd):
         ignored = sorted(k for k in sd if not k.startswith("backbone."))
         return {k[len("backbone.") :]: v for k, v in sd.items() if k.startswith("backbone.")}, ignored

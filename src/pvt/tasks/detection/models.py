@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Sequence
 from functools import partial
+from typing import Any
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -40,10 +41,16 @@ IMAGE_STD = [0.229, 0.224, 0.225]
 
 
 class LastLevelP6P7FromC5(ExtraFPNBlock):
-    """P6 = conv3x3/2(C5), P7 = conv3x3/2(relu(P6)), whatever C5's width (mmdet ``on_input``)."""
+    """P6 = conv3x3/2(C5), P7 = conv3x3/2(relu(P6)), whatever C5's width (mmdet ``on_input``).
 
-    def __init__(self, in_channels: int, out_channels: int) -> None:
+    ``relu_before_p7=False`` is mmdet's RetinaNet FPN (``relu_before_extra_convs=False``,
+    fpn.py:220): P7 = conv3x3/2(P6). torchvision's ``LastLevelP6P7`` (and so this block's default,
+    kept for the models trained here) applies the ReLU.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, *, relu_before_p7: bool = True) -> None:
         super().__init__()
+        self.relu_before_p7 = relu_before_p7
         self.p6 = nn.Conv2d(in_channels, out_channels, 3, 2, 1)
         self.p7 = nn.Conv2d(out_channels, out_channels, 3, 2, 1)
         for m in (self.p6, self.p7):
@@ -53,7 +60,7 @@ class LastLevelP6P7FromC5(ExtraFPNBlock):
 
     def forward(self, p: list[Tensor], c: list[Tensor], names: list[str]) -> tuple[list[Tensor], list[str]]:
         p6 = self.p6(c[-1])
-        p7 = self.p7(F.relu(p6))
+        p7 = self.p7(F.relu(p6) if self.relu_before_p7 else p6)
         return [*p, p6, p7], [*names, "p6", "p7"]
 
 
@@ -111,10 +118,13 @@ def backbone_fpn(
     drop_path_rate: float = 0.1,
     freeze_stages: int = 0,
     resnet_norm: type[nn.Module] = FrozenBatchNorm2d,
+    embed_norm_eps: float | None = None,
 ) -> BackboneFPN:
     """PVT (``features_only``) or ResNet body for the given stages (0 = stride 4) with an FPN.
 
     ``extra``: ``"p6p7_c5"`` (RetinaNet), ``"maxpool"`` (Mask R-CNN) or None (Semantic FPN).
+    ``embed_norm_eps``: the PVT's patch-embedding / spatial-reduction LayerNorm eps (None: the
+    official 1e-5; mmdetection's own PVT, and so its checkpoints, use 1e-6).
     """
     body: nn.Module
     if backbone in RESNETS:
@@ -123,12 +133,14 @@ def backbone_fpn(
         rn = _ResNetBody(backbone, stages, resnet_norm)
         body, channels = rn, rn.channels
     elif backbone in list_models():
+        eps: dict[str, Any] = {} if embed_norm_eps is None else {"embed_norm_eps": embed_norm_eps}
         pvt = create_model(
             backbone,
             features_only=True,
             out_indices=tuple(stages),
             drop_path_rate=drop_path_rate,
             checkpoint=checkpoint,
+            **eps,
         )
         if freeze_stages:
             pvt.freeze_stages(freeze_stages)

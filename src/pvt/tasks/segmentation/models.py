@@ -19,7 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pvt.checkpoint import CheckpointError
 from pvt.tasks.detection.models import IMAGE_MEAN, IMAGE_STD, BackboneFPN, backbone_fpn
+from pvt.tasks.segmentation.convert import load_semantic_fpn, read_whole_segmenter
 
 STRIDES = (4, 8, 16, 32)
 
@@ -103,11 +105,26 @@ def semantic_fpn(
     head_channels: int = 128,
     dropout: float = 0.1,
     norm: Callable[[int], nn.Module] = nn.BatchNorm2d,
+    checkpoint: str | None = None,
 ) -> SemanticFPN:
     """Semantic FPN on any registered PVT or ``resnet18`` / ``resnet50`` / ``resnet101``.
 
     ``num_classes`` counts the classes scored (150 for ADE20K, whose "other" label is ignored).
+    ``checkpoint``: a whole model's weights: the authors' / mmsegmentation's Semantic FPN files
+    (converted on load, see ``pvt.tasks.segmentation.convert``) or this project's own; the backbone
+    and class count must be the file's (an error says which). ``model.load_report`` tells what
+    was loaded and what was deliberately left out.
     """
+    whole = read_whole_segmenter(checkpoint) if checkpoint is not None else None
+    if whole is not None:
+        if whole.backbone != backbone or whole.num_classes != num_classes:
+            raise CheckpointError(
+                f"{checkpoint}: a Semantic FPN on {whole.backbone} with {whole.num_classes} classes, not on "
+                f"{backbone} with {num_classes}; build semantic_fpn({whole.backbone!r}, "
+                f"num_classes={whole.num_classes}, checkpoint=...)"
+            )
+        if backbone_checkpoint is not None:
+            raise ValueError("pass either checkpoint (a whole model) or backbone_checkpoint, not both")
     bb = backbone_fpn(
         backbone,
         (0, 1, 2, 3),
@@ -117,7 +134,11 @@ def semantic_fpn(
         drop_path_rate=drop_path_rate,
         freeze_stages=freeze_stages,
         resnet_norm=nn.BatchNorm2d,
+        embed_norm_eps=whole.embed_norm_eps if whole is not None else None,
     )
     model = SemanticFPN(bb, SemanticFPNHead(fpn_channels, num_classes, head_channels, dropout, norm=norm))
     model.arch = f"semantic_fpn_{backbone}"  # type: ignore[assignment]
+    if whole is not None:
+        model.load_report = load_semantic_fpn(model, whole)  # type: ignore[assignment]
+        model.class_names = whole.class_names  # type: ignore[assignment]
     return model

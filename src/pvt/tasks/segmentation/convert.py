@@ -1,0 +1,208 @@
+"""Whole Semantic FPN checkpoints from mmsegmentation (the authors' ADE20K releases) -> this project.
+
+The authors trained their Semantic FPN models with mmseg 0.13 (``EncoderDecoder`` with the official
+PVT backbone, mmseg's ``FPN`` neck and ``FPNHead``). Their files hold:
+
+* ``backbone.*``      the official PVT names (or mmdet/mmseg's own ``layers.*`` PVT layout)
+* ``neck.lateral_convs.{i}.conv.*`` / ``neck.fpn_convs.{i}.conv.*``   the FPN (4 outputs, no extra level)
+* ``decode_head.scale_heads.{i}.{j}.conv.weight`` / ``.bn.*``          FPNHead: ConvModules at even ``j``,
+  an ``Upsample`` (no weights) at odd ``j`` for strides above 4
+* ``decode_head.conv_seg.*``                                           the 1x1 classifier
+
+``convert_semantic_fpn`` renames every tensor to :class:`pvt.segmentation.SemanticFPN`'s names, or
+refuses: every source tensor is mapped or named as deliberately ignored (``auxiliary_head``, only
+used in training), and an unknown key, a layout it cannot place or a class-count mismatch is an
+error that names the file.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from torch import Tensor, nn
+
+from pvt.checkpoint import CheckpointError, LoadReport, detect_layout, infer_arch, load_checkpoint, to_official
+from pvt.checkpoint.layouts import strip_module_prefix, unwrap
+from pvt.models.layers import EMBED_NORM_EPS
+
+# mmdet / mmseg build their own PVT with LayerNorm eps 1e-6 in the patch-embedding and
+# spatial-reduction norms; the official code (the authors' releases) uses torch's 1e-5 there.
+MM_EMBED_NORM_EPS = 1e-6
+_IGNORED_PREFIXES = {"auxiliary_head.": "auxiliary head (training-only loss branch)"}
+_NECK = re.compile(r"^neck\.(lateral_convs|fpn_convs)\.(\d+)\.conv\.(weight|bias)$")
+_HEAD = re.compile(r"^decode_head\.scale_heads\.(\d+)\.(\d+)\.(conv|bn)\.(\w+)$")
+_SEG = re.compile(r"^decode_head\.conv_seg\.(weight|bias)$")
+
+
+@dataclass
+class SegmenterCheckpoint:
+    """A whole Semantic FPN in this project's names, with what the source said about itself."""
+
+    source: str
+    backbone: str  # registered model name of the backbone
+    backbone_layout: str  # official | mmdet | ...
+    num_classes: int
+    embed_norm_eps: float
+    state_dict: dict[str, Tensor]
+    class_names: list[str] | None = None
+    ignored: dict[str, str] = field(default_factory=dict)  # source key -> why it was not loaded
+
+
+def is_mmseg_layout(sd: Mapping[str, Tensor]) -> bool:
+    return any(k.startswith("decode_head.") for k in sd)
+
+
+def convert_semantic_fpn(
+    sd: Mapping[str, Tensor], source: str = "state dict", class_names: list[str] | None = None
+) -> SegmenterCheckpoint:
+    """mmseg ``EncoderDecoder`` (FPN + FPNHead) state dict -> ``SemanticFPN`` state dict."""
+    if not is_mmseg_layout(sd):
+        raise CheckpointError(f"{source}: not an mmsegmentation segmenter (no decode_head.* tensors)")
+    ignored: dict[str, str] = {}
+    backbone: dict[str, Tensor] = {}
+    out: dict[str, Tensor] = {}
+    unknown: list[str] = []
+    for k, v in sd.items():
+        if k.startswith("backbone."):
+            backbone[k[len("backbone.") :]] = v
+        elif why := next((w for p, w in _IGNORED_PREFIXES.items() if k.startswith(p)), None):
+            ignored[k] = why
+        elif m := _NECK.match(k):
+            block = "inner_blocks" if m.group(1) == "lateral_convs" else "layer_blocks"
+            out[f"backbone.fpn.{block}.{m.group(2)}.0.{m.group(3)}"] = v
+        elif m := _HEAD.match(k):
+            # mmseg: ConvModule at even j (Upsample at odd j); ours: conv, bn, relu[, upsample] per step.
+            i, j, part, name = int(m.group(1)), int(m.group(2)), m.group(3), m.group(4)
+            if j % 2:
+                unknown.append(k)
+                continue
+            idx = 2 * j + (1 if part == "bn" else 0)
+            if part == "conv" and name != "weight":
+                unknown.append(k)  # FPNHead's convs have no bias (a norm follows)
+                continue
+            out[f"head.scale_heads.{i}.{idx}.{name}"] = v
+        elif m := _SEG.match(k):
+            out[f"head.classifier.{m.group(1)}"] = v
+        else:
+            unknown.append(k)
+    if unknown:
+        raise CheckpointError(
+            f"{source}: {len(unknown)} tensors of an unknown Semantic FPN layout (e.g. {', '.join(unknown[:3])}); "
+            "expected mmseg's FPN neck and FPNHead (the authors' sem_fpn configs)"
+        )
+    if "head.classifier.weight" not in out:
+        raise CheckpointError(f"{source}: no decode_head.conv_seg classifier; not a whole segmenter")
+    if not backbone:
+        raise CheckpointError(f"{source}: no backbone.* tensors; not a whole segmenter")
+    layout = detect_layout(backbone)
+    official = to_official(backbone, layout)
+    arch = infer_arch(official)
+    if arch is None:
+        raise CheckpointError(
+            f"{source}: its {layout}-layout backbone matches no registered PVT (see pvt.list_models())"
+        )
+    out.update({f"backbone.body.{k}": v for k, v in official.items()})
+    num_classes = int(out["head.classifier.weight"].shape[0])
+    if class_names is not None and len(class_names) != num_classes:
+        class_names = None  # a meta that does not describe this head is not trusted
+    eps = MM_EMBED_NORM_EPS if layout == "mmdet" else EMBED_NORM_EPS
+    return SegmenterCheckpoint(source, arch, layout, num_classes, eps, out, class_names, ignored)
+
+
+def load_semantic_fpn(model: nn.Module, ckpt: SegmenterCheckpoint) -> LoadReport:
+    """Load a converted checkpoint into a ``SemanticFPN`` built for its backbone and class count.
+
+    The backbone goes through the strict PVT loader (its report is returned: position tables
+    resized to the model's grid, v1's unused classification tensors named); the FPN and head must
+    match exactly.
+    """
+    body = {k[len("backbone.body.") :]: v for k, v in ckpt.state_dict.items() if k.startswith("backbone.body.")}
+    rest = {k: v for k, v in ckpt.state_dict.items() if not k.startswith("backbone.body.")}
+    report = load_checkpoint(model.backbone.body, body, strict=True)  # type: ignore[union-attr,arg-type]
+    report.source, report.layout = ckpt.source, f"mmseg ({ckpt.backbone_layout} backbone)"
+    target = {k for k in model.state_dict() if not k.startswith("backbone.body.")}
+    missing, unexpected = sorted(target - set(rest)), sorted(set(rest) - target)
+    shapes = [k for k in target & set(rest) if model.state_dict()[k].shape != rest[k].shape]
+    if missing or unexpected or shapes:
+        raise CheckpointError(
+            f"{ckpt.source}: the FPN / head do not fit a Semantic FPN on {ckpt.backbone} with "
+            f"{ckpt.num_classes} classes ({len(missing)} missing, e.g. {missing[:2]}; {len(unexpected)} "
+            f"unexpected, e.g. {unexpected[:2]}; shape mismatches {shapes[:2]}); build it with the "
+            "checkpoint's fpn_channels / head_channels"
+        )
+    model.load_state_dict(rest, strict=False)
+    report.ignored = [f"{k} ({why})" for k, why in ckpt.ignored.items()]
+    return report
+
+
+def _meta_class_names(obj: object) -> list[str] | None:
+    """Class names an mmcv (``meta.CLASSES``) or mmengine (``meta.dataset_meta.classes``) file records."""
+    meta = obj.get("meta") if isinstance(obj, Mapping) else None
+    if not isinstance(meta, Mapping):
+        return None
+    classes = meta.get("CLASSES")
+    if classes is None and isinstance(meta.get("dataset_meta"), Mapping):
+        classes = meta["dataset_meta"].get("classes")
+    return [str(c) for c in classes] if isinstance(classes, list | tuple) else None
+
+
+def read_whole_segmenter(path: str) -> SegmenterCheckpoint:
+    """A whole Semantic FPN file (``weights_only=True``): the authors' / mmseg's layout, converted,
+    or this project's own (a run's ``model.safetensors`` or ``pvt convert``'s output)."""
+    from pvt.checkpoint.io import FORMAT_NAME, read_checkpoint, read_checkpoint_object
+
+    meta: dict[str, str] = {}
+    if str(path).endswith(".safetensors"):
+        sd, meta = read_checkpoint(path)
+        names = meta["class_names"].split("\n") if meta.get("class_names") else None
+    else:
+        obj = read_checkpoint_object(path)
+        sd, _ = strip_module_prefix(unwrap(obj, str(path)))
+        names = _meta_class_names(obj)
+    if is_mmseg_layout(sd):
+        return convert_semantic_fpn(sd, str(path), names)
+    if "head.classifier.weight" not in sd or not any(k.startswith("backbone.body.") for k in sd):
+        raise CheckpointError(
+            f"{path}: not a whole Semantic FPN (no decode_head.* or head.classifier / backbone.body.* "
+            "tensors); for backbone weights use backbone_checkpoint"
+        )
+    body = {k[len("backbone.body.") :]: v for k, v in sd.items() if k.startswith("backbone.body.")}
+    arch = meta.get("backbone") or infer_arch(body)
+    if arch is None:
+        raise CheckpointError(f"{path}: its backbone matches no registered PVT (see pvt.list_models())")
+    num_classes = int(sd["head.classifier.weight"].shape[0])
+    return SegmenterCheckpoint(
+        source=str(path),
+        backbone=arch,
+        backbone_layout=FORMAT_NAME,
+        num_classes=num_classes,
+        embed_norm_eps=float(meta.get("embed_norm_eps", EMBED_NORM_EPS)),
+        state_dict=sd,
+        class_names=names if names and len(names) == num_classes else None,
+    )
+
+
+def convert_segmenter(src: str, dst: str) -> tuple[SegmenterCheckpoint, LoadReport]:
+    """Write a whole Semantic FPN file as this project's safetensors, load-checked first.
+
+    The header keeps what building it again needs: ``task``, ``backbone``, ``num_classes``,
+    ``embed_norm_eps`` and the class names (one per line) when the source recorded them.
+    """
+    from pvt.checkpoint.io import save_safetensors
+    from pvt.tasks.segmentation.models import semantic_fpn
+
+    ckpt = read_whole_segmenter(src)
+    model = semantic_fpn(ckpt.backbone, ckpt.num_classes, checkpoint=src)
+    meta = {
+        "task": "segmentation",
+        "backbone": ckpt.backbone,
+        "num_classes": str(ckpt.num_classes),
+        "embed_norm_eps": repr(ckpt.embed_norm_eps),
+        "source_layout": ckpt.backbone_layout,
+    }
+    if ckpt.class_names:
+        meta["class_names"] = "\n".join(ckpt.class_names)
+    save_safetensors(model.state_dict(), dst, metadata=meta)
+    return ckpt, model.load_report  # type: ignore[return-value]
