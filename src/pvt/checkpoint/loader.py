@@ -231,3 +231,18 @@ def _mismatch_message(model: nn.Module, report: LoadReport, coverage: float, str
     if coverage < MIN_BACKBONE_COVERAGE:
         return msg + " Refusing to load under 90%: build the architecture the checkpoint was trained for."
     return msg + " Build the matching architecture, or pass strict=False to load the matching part."
+
+
+def load_whole_model(model: nn.Module, source: str | os.PathLike[str] | Mapping[str, Tensor], what: str) -> None:
+    """Load a whole task model's weights (a run's ``model.safetensors``) exactly, or refuse with a
+    message naming the file, ``what`` it should be, and where backbone-only weights go."""
+    if isinstance(source, Mapping):
+        sd, name = dict(source), "state dict"
+    else:
+        sd, name = read_checkpoint(source)[0], str(source)
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{name}: not {what} ({len(missing)} missing, {len(unexpected)} unexpected tensors, e.g. "
+            f"{(missing or unexpected)[:3]}); for backbone weights use model.backbone_checkpoint"
+        )

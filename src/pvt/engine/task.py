@@ -29,20 +29,6 @@ class LoaderConfig:
     workers: int = 4
 
 
-def load_whole_model(model: nn.Module, path: str, what: str) -> None:
-    """Load a whole task model's weights (a run's ``model.safetensors``) exactly, or refuse with a
-    message naming the file, ``what`` it should be, and where backbone-only weights go."""
-    from pvt.checkpoint import read_checkpoint
-
-    sd, _ = read_checkpoint(path)
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    if missing or unexpected:
-        raise ValueError(
-            f"{path}: not {what} ({len(missing)} missing, {len(unexpected)} unexpected tensors, e.g. "
-            f"{(missing or unexpected)[:3]}); for backbone weights use model.backbone_checkpoint"
-        )
-
-
 class Task(ABC):
     """Subclass per task: classification, detection, segmentation."""
 

@@ -41,7 +41,7 @@ class SegmenterCheckpoint:
     """A whole Semantic FPN in this project's names, with what the source said about itself."""
 
     source: str
-    backbone: str  # registered model name of the backbone
+    backbone: str | None  # registered PVT name of the backbone (None: a ResNet, in this project's files)
     backbone_layout: str  # official | mmdet | ...
     num_classes: int
     embed_norm_eps: float
@@ -169,9 +169,7 @@ def read_whole_segmenter(path: str) -> SegmenterCheckpoint:
             "tensors); for backbone weights use backbone_checkpoint"
         )
     body = {k[len("backbone.body.") :]: v for k, v in sd.items() if k.startswith("backbone.body.")}
-    arch = meta.get("backbone") or infer_arch(body)
-    if arch is None:
-        raise CheckpointError(f"{path}: its backbone matches no registered PVT (see pvt.list_models())")
+    arch = meta.get("backbone") or infer_arch(body)  # None for a ResNet body
     num_classes = int(sd["head.classifier.weight"].shape[0])
     return SegmenterCheckpoint(
         source=str(path),
@@ -194,6 +192,8 @@ def convert_segmenter(src: str, dst: str) -> tuple[SegmenterCheckpoint, LoadRepo
     from pvt.tasks.segmentation.models import semantic_fpn
 
     ckpt = read_whole_segmenter(src)
+    if ckpt.backbone is None:
+        raise CheckpointError(f"{src}: already this project's Semantic FPN on a ResNet; nothing to convert")
     model = semantic_fpn(ckpt.backbone, ckpt.num_classes, checkpoint=src)
     meta = {
         "task": "segmentation",

@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pvt.checkpoint import CheckpointError
+from pvt.checkpoint.io import FORMAT_NAME
+from pvt.checkpoint.loader import load_whole_model
 from pvt.tasks.detection.models import IMAGE_MEAN, IMAGE_STD, BackboneFPN, backbone_fpn
 from pvt.tasks.segmentation.convert import load_semantic_fpn, read_whole_segmenter
 
@@ -99,6 +101,7 @@ def semantic_fpn(
     num_classes: int = 150,
     *,
     backbone_checkpoint: str | None = None,
+    backbone_pretrained: bool | str = False,
     drop_path_rate: float = 0.1,
     freeze_stages: int = 0,
     fpn_channels: int = 256,
@@ -110,6 +113,7 @@ def semantic_fpn(
     """Semantic FPN on any registered PVT or ``resnet18`` / ``resnet50`` / ``resnet101``.
 
     ``num_classes`` counts the classes scored (150 for ADE20K, whose "other" label is ignored).
+    ``backbone_pretrained``: start the PVT from its published ImageNet weights (True or a tag).
     ``checkpoint``: a whole model's weights: the authors' / mmsegmentation's Semantic FPN files
     (converted on load, see ``pvt.tasks.segmentation.convert``) or this project's own; the backbone
     and class count must be the file's (an error says which). ``model.load_report`` tells what
@@ -117,7 +121,7 @@ def semantic_fpn(
     """
     whole = read_whole_segmenter(checkpoint) if checkpoint is not None else None
     if whole is not None:
-        if whole.backbone != backbone or whole.num_classes != num_classes:
+        if whole.backbone not in (None, backbone) or whole.num_classes != num_classes:
             raise CheckpointError(
                 f"{checkpoint}: a Semantic FPN on {whole.backbone} with {whole.num_classes} classes, not on "
                 f"{backbone} with {num_classes}; build semantic_fpn({whole.backbone!r}, "
@@ -131,6 +135,7 @@ def semantic_fpn(
         fpn_channels=fpn_channels,
         extra=None,
         checkpoint=backbone_checkpoint,
+        backbone_pretrained=backbone_pretrained if whole is None else False,  # a whole model replaces it
         drop_path_rate=drop_path_rate,
         freeze_stages=freeze_stages,
         resnet_norm=nn.BatchNorm2d,
@@ -139,6 +144,9 @@ def semantic_fpn(
     model = SemanticFPN(bb, SemanticFPNHead(fpn_channels, num_classes, head_channels, dropout, norm=norm))
     model.arch = f"semantic_fpn_{backbone}"  # type: ignore[assignment]
     if whole is not None:
-        model.load_report = load_semantic_fpn(model, whole)  # type: ignore[assignment]
+        if whole.backbone_layout == FORMAT_NAME:  # this project's own names: an exact load
+            load_whole_model(model, whole.state_dict, f"a Semantic FPN on {backbone} with {num_classes} classes")
+        else:
+            model.load_report = load_semantic_fpn(model, whole)  # type: ignore[assignment]
         model.class_names = whole.class_names  # type: ignore[assignment]
     return model

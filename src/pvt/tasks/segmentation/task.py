@@ -17,7 +17,7 @@ from torch.utils.data import Dataset
 from pvt.checkpoint.io import save_png
 from pvt.engine.config import ModelConfig, Recipe
 from pvt.engine.distributed import DistInfo, all_reduce_sum
-from pvt.engine.task import Task, load_whole_model
+from pvt.engine.task import Task
 from pvt.tasks.segmentation.data import (
     SegmentationData,
     SegmentationFolder,
@@ -39,6 +39,7 @@ class SegmentationModel(ModelConfig):
     name: str = "pvt_small"
     num_classes: int = 150
     backbone_checkpoint: str | None = None
+    backbone_pretrained: bool | str = False  # the backbone's published ImageNet weights: true or a tag
     fpn_channels: int = 256
     head_channels: int = 128
     dropout: float = 0.1
@@ -50,7 +51,9 @@ def build_segmenter(m: SegmentationModel) -> nn.Module:
     return semantic_fpn(
         m.name,
         m.num_classes,
+        checkpoint=m.checkpoint,
         backbone_checkpoint=m.backbone_checkpoint,
+        backbone_pretrained=m.backbone_pretrained,
         drop_path_rate=m.drop_path_rate,
         freeze_stages=m.freeze_stages,
         fpn_channels=m.fpn_channels,
@@ -112,9 +115,9 @@ class SegmentationTask(Task):
         if m.class_weight is not None and len(m.class_weight) != m.num_classes:
             raise ValueError(f"model.class_weight has {len(m.class_weight)} values for {m.num_classes} classes")
         self._weight = torch.tensor(m.class_weight) if m.class_weight else None
-        model = build_segmenter(m)
-        if m.checkpoint:
-            load_whole_model(model, m.checkpoint, f"a Semantic FPN on {m.name} with {m.num_classes} classes")
+        model = build_segmenter(m)  # a whole model's checkpoint (any layout) is loaded by the builder
+        if getattr(model, "load_report", None) is not None:
+            print(model.load_report, file=sys.stderr)
         if m.sync_bn and torch.distributed.is_initialized() and torch.cuda.is_available():
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         return model
@@ -200,7 +203,7 @@ class SegmentationTask(Task):
 
         d: SegmentationData = recipe.data
         n = recipe.model.num_classes
-        names = list(artifacts.get("classes") or class_names(d, n))
+        names = list(artifacts.get("classes") or getattr(model, "class_names", None) or class_names(d, n))
         colours = palette(n)
         out = Path(out_dir) if out_dir else None
         records: list[dict[str, Any]] = []
