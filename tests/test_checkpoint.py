@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import re
+import sys
+import types
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import Tensor
@@ -285,3 +288,43 @@ def test_cli_models_and_flops(capsys) -> None:
     assert "3x800x1280" in capsys.readouterr().out
     assert cli_main(["flops", "pvt_v2_b0", "--size", "16", "16"]) == 2
     assert "at least 29 pixels" in capsys.readouterr().err
+
+
+class _MMHistory:
+    """Stands for an mmengine object in a checkpoint's meta (pickled under mmengine's name)."""
+
+    def __init__(self) -> None:
+        self.values = [1.0, 2.0]
+
+
+_MMHistory.__module__ = "mmengine.logging.history_buffer"
+
+
+class _Runs:
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return (print, ("executed",))
+
+
+_Runs.__module__ = "mmengine.evil"
+
+
+def test_openmmlab_meta_is_read_without_running_it(tmp_path: Path, capsys, monkeypatch) -> None:
+    """mmcv / mmengine meta (numpy scalars, mmengine objects) is read as inert stand-ins; the
+    tensors load; anything outside those packages is still refused."""
+    for name in ("mmengine", "mmengine.logging"):  # importable while pickling only (not installed)
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    for cls in (_MMHistory, _Runs):
+        module = types.ModuleType(cls.__module__)
+        setattr(module, cls.__name__, cls)
+        monkeypatch.setitem(sys.modules, cls.__module__, module)
+    sd = pvt.create_model("pvt_v2_b0").state_dict()
+    ok = tmp_path / "mm.pth"
+    meta = {"seed": np.int64(3), "best": np.float64(0.5), "hub": _MMHistory(), "CLASSES": ("a", "b")}
+    torch.save({"meta": meta, "state_dict": sd}, ok)
+    model = pvt.create_model("pvt_v2_b0", checkpoint=ok)
+    assert model.load_report.backbone_loaded == model.load_report.backbone_total
+    hostile = tmp_path / "hostile.pth"
+    torch.save({"meta": {"x": _Runs()}, "state_dict": sd}, hostile)  # pickles builtins.print
+    with pytest.raises(CheckpointError, match=r"hostile\.pth.*weights_only=True"):
+        pvt.create_model("pvt_v2_b0", checkpoint=hostile)
+    assert "executed" not in capsys.readouterr().out

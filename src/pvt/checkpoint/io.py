@@ -36,6 +36,10 @@ def read_checkpoint(path: str | os.PathLike[str]) -> tuple[StateDict, dict[str, 
     return unwrap(read_checkpoint_object(p), str(p)), {}
 
 
+# Packages whose pickled objects OpenMMLab checkpoints carry in their metadata; read as inert stand-ins.
+INERT_PREFIXES = ("numpy.", "mmengine.", "mmcv.", "mmdet.", "mmseg.")
+
+
 def _inert_class(qualified: str) -> type:
     """A stand-in for a class a checkpoint pickles: it stores its arguments and runs nothing."""
     module, _, name = qualified.rpartition(".")
@@ -53,10 +57,11 @@ def _inert_class(qualified: str) -> type:
 def read_checkpoint_object(path: str | os.PathLike[str]) -> Any:
     """The whole saved object of a torch file, read with ``weights_only=True``.
 
-    mmcv / mmengine files keep training metadata next to the weights (numpy scalars, config
-    objects, message-hub buffers) that ``weights_only`` refuses. Those globals are replaced by
-    inert stand-ins (classes that store their arguments and execute nothing), so the tensors and
-    plain metadata are read without ever importing or running the pickled code.
+    mmcv / mmengine files keep training metadata next to the weights (numpy scalars and arrays,
+    config objects, message-hub buffers) that ``weights_only`` refuses. Globals of those packages
+    (``INERT_PREFIXES``) are replaced by inert stand-ins (classes that store their arguments and
+    execute nothing), so the tensors and plain metadata are read without ever importing or running
+    the pickled code. Any other pickled object is refused, as before.
     """
     p = Path(path)
     if not p.is_file():
@@ -66,7 +71,7 @@ def read_checkpoint_object(path: str | os.PathLike[str]) -> Any:
             return torch.load(p, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError:
             names = torch.serialization.get_unsafe_globals_in_checkpoint(p)
-            if not names:
+            if not names or not all(n.startswith(INERT_PREFIXES) for n in names):
                 raise
             with torch.serialization.safe_globals([_inert_class(n) for n in names]):
                 return torch.load(p, map_location="cpu", weights_only=True)

@@ -1,0 +1,116 @@
+"""Whole published models: find a detector's or segmenter's published file, and convert any whole
+model into this project's safetensors together with the recipe it was trained with.
+
+A converted file carries its recipe (the papers' preset for that detector / segmenter and backbone,
+with the file's class count and test-time semantics) as JSON in the safetensors header, so
+``pvt eval detection --checkpoint converted.safetensors --data /data/coco`` needs nothing else.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from safetensors import safe_open
+
+from pvt.checkpoint import CheckpointError
+from pvt.checkpoint.io import read_checkpoint_object, save_safetensors
+from pvt.checkpoint.layouts import strip_module_prefix, unwrap
+
+HUB_TASK = {"detection": "coco", "segmentation": "ade20k"}
+RECIPE_KEY = "recipe"
+
+
+def published_checkpoint(task: str, backbone: str, arch: str, tag: bool | str = True) -> str:
+    """The local path of a published whole model (downloaded into the cache when it can be).
+
+    ``task``: ``detection`` or ``segmentation``; ``arch``: ``retinanet``, ``mask_rcnn`` or
+    ``semantic_fpn``; ``tag``: True for the default source, or a tag of ``pvt weights``
+    (``coco``, ``coco-official``, ``ade20k-official``, ...).
+    """
+    from pvt.hub import get_source, resolve
+
+    hub_task = HUB_TASK[task]
+    source = get_source(backbone, None if tag is True else str(tag), task=hub_task, arch=arch)
+    return str(resolve(source))
+
+
+def _keys(path: str | os.PathLike[str]) -> tuple[list[str], dict[str, str]]:
+    """Tensor names and header metadata of a checkpoint file (safetensors: without reading tensors)."""
+    if str(path).endswith(".safetensors"):
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                return list(f.keys()), dict(f.metadata() or {})
+        except Exception as e:
+            raise CheckpointError(f"{path}: not a readable safetensors file ({e}); re-export it") from e
+    sd, _ = strip_module_prefix(unwrap(read_checkpoint_object(path), str(path)))
+    return list(sd), {}
+
+
+def whole_model_task(path: str | os.PathLike[str]) -> str | None:
+    """``detection`` / ``segmentation`` for a whole detector / segmenter file, None for a backbone."""
+    keys, meta = _keys(path)
+    if meta.get("task") in HUB_TASK:
+        return meta["task"]
+    if any(k.startswith("decode_head.") for k in keys) or "head.classifier.weight" in keys:
+        return "segmentation"
+    det = ("bbox_head.", "rpn_head.", "roi_head.", "head.classification_head.", "roi_heads.")
+    if any(k.startswith(det) for k in keys):
+        return "detection"
+    return None
+
+
+def paper_recipe(task: str, model: dict[str, Any]) -> dict[str, Any]:
+    """The papers' preset for this detector / segmenter and backbone, its ``model`` section updated.
+
+    Backbones without a shipped preset get the task's defaults with just ``model``.
+    """
+    from pvt.engine.presets import list_presets, load_preset
+
+    if task == "detection":
+        kind = "mask-rcnn" if model["detector"] == "mask_rcnn" else "retinanet"
+        name = f"{kind}-{model['name']}-1x"
+    else:
+        name = f"semantic-fpn-{model['name']}-40k"
+    recipe = load_preset(task, name) if name in list_presets(task) else {}
+    recipe.setdefault("model", {}).update(model)
+    return recipe
+
+
+def recipe_of(path: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The recipe a converted file carries (see ``convert_whole_model``), or None."""
+    if not str(path).endswith(".safetensors") or not Path(path).is_file():
+        return None
+    _, meta = _keys(path)
+    text = meta.get(RECIPE_KEY)
+    return json.loads(text) if text else None
+
+
+def convert_whole_model(src: str, dst: str) -> str:
+    """Convert a whole detector / segmenter file (mmdetection, mmsegmentation, the authors' or this
+    project's) into this project's safetensors with its recipe; returns a report for people."""
+    from pvt.checkpoint.io import read_checkpoint
+
+    task = whole_model_task(src)
+    if task == "detection":
+        from pvt.tasks.detection.convert import convert_detector
+
+        det = convert_detector(src, dst)
+        model = {"name": det.backbone, "detector": det.detector, "num_classes": det.num_classes}
+        model["semantics"] = det.semantics
+        report = str(det.report)
+    elif task == "segmentation":
+        from pvt.tasks.segmentation.convert import convert_segmenter
+
+        seg, load_report = convert_segmenter(src, dst)
+        model = {"name": seg.backbone, "num_classes": seg.num_classes}
+        report = str(load_report)
+    else:
+        raise CheckpointError(f"{src}: not a whole detector or segmenter")
+    # Re-write the header with the recipe; the tensors are the ones just written and load-checked.
+    sd, meta = read_checkpoint(dst)
+    meta = {**meta, "task": task, RECIPE_KEY: json.dumps(paper_recipe(task, model))}
+    save_safetensors(sd, dst, metadata=meta)
+    return f"{report}\nwrote {dst} ({task}: {model['name']}, {model['num_classes']} classes, with its recipe)"
