@@ -69,6 +69,9 @@ def _recipe(args: argparse.Namespace, task_name: str, default_preset: str | None
     task = get_task(task_name)
     preset_name = args.preset
     ckpt = getattr(args, "checkpoint", None)
+    pretrained = getattr(args, "pretrained", None)
+    if ckpt and pretrained is not None:
+        raise ValueError("pass either --checkpoint FILE or --pretrained [TAG], not both")
     if preset_name is None and ckpt and (Path(ckpt).parent / "config.yaml").is_file():
         preset_name = str(Path(ckpt).parent / "config.yaml")
     chosen = preset_name or default_preset
@@ -80,6 +83,10 @@ def _recipe(args: argparse.Namespace, task_name: str, default_preset: str | None
         overrides.append(f"model.name={args.model}")
     if ckpt:
         overrides.append(f"model.checkpoint={ckpt}")
+        # A run's config.yaml may say it started from published weights; these weights replace them.
+        overrides.append("model.pretrained=false")
+    if pretrained is not None:
+        overrides.append(f"model.pretrained={'true' if pretrained is True else pretrained}")
     return task, load_recipe(task_name, task.data_config, preset, overrides, model_cls=task.model_config)
 
 
@@ -100,10 +107,16 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _weights_given(recipe: Any) -> None:
+    if recipe.model.checkpoint is None and not recipe.model.pretrained:
+        raise ValueError("no weights: pass --checkpoint FILE or --pretrained [TAG] (published weights: pvt weights)")
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     from pvt.engine import run_evaluation
 
     task, recipe = _recipe(args, args.task, None)
+    _weights_given(recipe)
     metrics = run_evaluation(task, recipe)
     print(json.dumps({k: round(v, 4) for k, v in metrics.items()}, indent=2))
     if args.out:
@@ -114,11 +127,48 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 def _cmd_predict(args: argparse.Namespace) -> int:
     task, recipe = _recipe(args, args.task, None)
+    _weights_given(recipe)
     model = task.build_model(recipe).eval()
-    meta = Path(args.checkpoint).parent / "task.json"
-    artifacts = json.loads(meta.read_text()) if meta.is_file() else {}
+    meta = Path(args.checkpoint).parent / "task.json" if args.checkpoint else None
+    artifacts = json.loads(meta.read_text()) if meta is not None and meta.is_file() else {}
     for r in task.predict(model, recipe, args.inputs, artifacts, args.out):
         print(json.dumps(r))
+    return 0
+
+
+def _cmd_weights(args: argparse.Namespace) -> int:
+    from pvt.hub import is_cached, list_sources
+
+    rows = [("name", "task", "arch", "host", "metric", "cached")]
+    for s in list_sources(args.pattern, task=args.task):
+        rows.append((s.name, s.task, s.arch, s.host, s.metric_text(), "yes" if is_cached(s) else "no"))
+    if len(rows) == 1:
+        raise ValueError(f"no published weights match {args.pattern!r}; see pvt weights")
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    return 0
+
+
+def _cmd_download(args: argparse.Namespace) -> int:
+    """Fetch each NAME[:TAG]; Google-Drive rows print where to get them; failures are summed up."""
+    from pvt.hub import ManualDownloadRequired, WeightsUnavailable, fetch_to, get_source, resolve
+
+    failed = []
+    for item in args.names:
+        source = get_source(item, task=None)
+        try:
+            path = fetch_to(source, args.to) if args.to else resolve(source)
+        except ManualDownloadRequired as e:
+            print(f"manual: {e}")
+            continue
+        except WeightsUnavailable as e:
+            print(f"pvt download: error: {e}", file=sys.stderr)
+            failed.append(source.name)
+            continue
+        print(f"{source.name}: {path}")
+    if failed:
+        raise CheckpointError(f"could not fetch {len(failed)} of {len(args.names)}: {', '.join(failed)}")
     return 0
 
 
@@ -147,6 +197,26 @@ def _add_recipe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe field, repeatable")
 
 
+def _add_pretrained_arg(p: argparse.ArgumentParser, text: str) -> None:
+    p.add_argument(
+        "--pretrained", nargs="?", const=True, type=_tag, metavar="TAG", help=f"{text}; TAG: see pvt weights"
+    )
+
+
+def _tag(value: str) -> bool | str:
+    return True if value.lower() in ("true", "default") else value
+
+
+def _untangle_pretrained(argv: list[str]) -> list[str]:
+    """``--pretrained photo.jpg``: argparse would take the image for the optional TAG. Tags hold
+    no "." or "/", so such a value stays an input and the default weights are meant."""
+    out = list(argv)
+    for i, arg in enumerate(out[:-1]):
+        if arg == "--pretrained" and ("." in out[i + 1] or "/" in out[i + 1]):
+            out[i] = "--pretrained=default"
+    return out
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pvt", description="Pyramid Vision Transformer toolkit")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -172,21 +242,34 @@ def build_parser() -> argparse.ArgumentParser:
     _add_recipe_args(p)
     p.add_argument("--output", required=True, help="run directory")
     p.add_argument("--checkpoint", help="start from these weights (sets model.checkpoint; fine-tuning)")
+    _add_pretrained_arg(p, "start from published ImageNet weights (sets model.pretrained; fine-tuning)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("eval", help="evaluate weights on a task's evaluation split")
     _add_recipe_args(p)
-    p.add_argument("--checkpoint", required=True, help="weights (a run's model.safetensors or any layout)")
+    p.add_argument("--checkpoint", help="weights (a run's model.safetensors or any layout)")
+    _add_pretrained_arg(p, "evaluate published weights (sets model.pretrained; their eval transform)")
     p.add_argument("--out", help="also write the metrics to this JSON file")
     p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("predict", help="predict on image files or folders")
     _add_recipe_args(p)
-    p.add_argument("--checkpoint", required=True, help="weights; a run's config.yaml beside them is used")
+    p.add_argument("--checkpoint", help="weights; a run's config.yaml beside them is used")
+    _add_pretrained_arg(p, "published weights (sets model.pretrained; their transform and class names)")
     p.add_argument("--out", help="folder for the task's output files")
     p.add_argument("inputs", nargs="+", help="image files or folders")
     p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser("weights", help="list the published weights: source, metric, whether cached")
+    p.add_argument("pattern", nargs="?", default="*", help="shell pattern on NAME or NAME:TAG, e.g. 'pvt_v2_*'")
+    p.add_argument("--task", choices=("imagenet", "coco", "ade20k"), help="only this task's weights")
+    p.set_defaults(func=_cmd_weights)
+
+    p = sub.add_parser("download", help="fetch published weights into the cache (or --to DIR) ahead of use")
+    p.add_argument("names", nargs="+", metavar="NAME[:TAG]", help="e.g. pvt_v2_b2 (default tag) or pvt_v2_b2:timm")
+    p.add_argument("--to", metavar="DIR", help="also copy them here (copy DIR to $PVT_CACHE/weights offline)")
+    p.set_defaults(func=_cmd_download)
 
     p = sub.add_parser("presets", help="list a task's shipped presets")
     p.add_argument("task", choices=TASKS)
@@ -210,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(_untangle_pretrained(list(sys.argv[1:] if argv is None else argv)))
     keep_freed_memory()  # our own process: activations stop being page-faulted in per forward
     try:
         return int(args.func(args))

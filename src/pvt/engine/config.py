@@ -28,6 +28,7 @@ class ModelConfig:
     num_classes: int = 1000
     drop_path_rate: float = 0.1
     checkpoint: str | None = None  # any layout pvt.load_checkpoint accepts (fine-tuning)
+    pretrained: bool | str = False  # published ImageNet weights: true (default source) or a tag (pvt weights)
     freeze_stages: int = 0  # freeze the first k backbone stages
     img_size: int | None = None  # v1 position-table grid (None: 224)
 

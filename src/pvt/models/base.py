@@ -46,6 +46,7 @@ class PyramidBackbone(nn.Module):
     num_stages = 4
     arch: str | None = None  # registered name, set by create_model
     load_report: object | None = None  # pvt.checkpoint.LoadReport of the weights it was built with
+    pretrained_source: object | None = None  # pvt.hub.WeightsSource of create_model(pretrained=...)
     head: nn.Module
 
     def __init__(

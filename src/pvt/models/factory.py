@@ -13,6 +13,7 @@ def create_model(
     name: str,
     *,
     num_classes: int = 1000,
+    pretrained: bool | str = False,
     checkpoint: str | os.PathLike[str] | Mapping[str, object] | None = None,
     features_only: bool = False,
     out_indices: Sequence[int] = (0, 1, 2, 3),
@@ -24,6 +25,11 @@ def create_model(
 
     Args:
         num_classes: classifier outputs; 0 for pooled features. Ignored with ``features_only``.
+        pretrained: load the published ImageNet weights: True for the default source (the
+            authors' release, ``official``), or a tag (``"timm"``, ``"hf"``; see
+            ``pvt.hub.list_sources(name)``). The file is downloaded once (``pvt.hub.resolve``);
+            the chosen ``pvt.hub.WeightsSource``, with its eval transform, is kept as
+            ``model.pretrained_source``. A head of another class count starts fresh.
         checkpoint: a ``.pth``/``.bin``/``.safetensors`` path or a state dict in any supported
             layout (see ``pvt.load_checkpoint``); the load report is kept as ``model.load_report``.
         features_only: return ``[B, C_i, H/s_i, W/s_i]`` maps (strides 4, 8, 16, 32) for
@@ -33,6 +39,16 @@ def create_model(
         kwargs: architecture overrides, e.g. ``img_size=384`` (v1 position tables),
             ``in_chans``, ``drop_rate``, ``attn_drop_rate``, ``fused_attn``.
     """
+    if pretrained and checkpoint is not None:
+        raise ValueError(
+            f"create_model({name!r}): pass either pretrained= (published weights) or checkpoint= (a file), not both"
+        )
+    source = None
+    if pretrained:
+        from pvt.hub import get_source, resolve  # the hub is imported only when weights are asked for
+
+        source = get_source(name, None if pretrained is True else str(pretrained), task="imagenet")
+        checkpoint = resolve(source)
     build = model_builder(name)
     model = build(
         num_classes=num_classes,
@@ -47,4 +63,5 @@ def create_model(
         from pvt.checkpoint import load_checkpoint  # beside the models; imported on use
 
         model.load_report = load_checkpoint(model, checkpoint, strict=strict)
+    model.pretrained_source = source
     return model

@@ -35,6 +35,7 @@ class ClassificationData(LoaderConfig):
     input_size: int = 224
     interpolation: str = "bicubic"
     crop_pct: float = 0.875  # eval: resize 256, center crop 224
+    crop_mode: str = "center"  # eval: center (resize input_size / crop_pct, crop) | squash (resize to input_size^2)
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop area range
@@ -155,6 +156,7 @@ def build_transforms(cfg: ClassificationData, *, train: bool) -> Any:
         is_training=False,
         interpolation=cfg.interpolation,
         crop_pct=cfg.crop_pct,
+        crop_mode=cfg.crop_mode,
         mean=cfg.mean,
         std=cfg.std,
     )

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +27,9 @@ from pvt.tasks.classification.data import (
     load_image,
 )
 
+if TYPE_CHECKING:
+    from pvt.hub import WeightsSource
+
 
 class ClassificationTask(Task):
     name = "classification"
@@ -44,10 +48,11 @@ class ClassificationTask(Task):
             m.name,
             num_classes=m.num_classes,
             drop_path_rate=m.drop_path_rate,
+            pretrained=m.pretrained,
             checkpoint=m.checkpoint,
             **kwargs,
         )
-        if m.checkpoint is not None:
+        if model.load_report is not None:
             print(model.load_report, file=sys.stderr)
         if m.freeze_stages:
             model.freeze_stages(m.freeze_stages)
@@ -68,7 +73,8 @@ class ClassificationTask(Task):
         return model
 
     def build_datasets(self, recipe: Recipe, *, train: bool = True) -> tuple[Dataset[Any] | None, Dataset[Any]]:
-        train_ds, val_ds = build_datasets(recipe.data, train=train)
+        # Evaluating published weights: their own eval transform (training keeps the recipe's).
+        train_ds, val_ds = build_datasets(recipe.data if train else eval_data(recipe), train=train)
         self._classes = val_ds.classes
         n = len(val_ds.classes)
         if n > recipe.model.num_classes:
@@ -90,8 +96,12 @@ class ClassificationTask(Task):
         out_dir: str | None,
     ) -> list[dict[str, Any]]:
         """Top-5 classes with probabilities for each image file (or every image in a folder)."""
-        transform = build_transforms(recipe.data, train=False)
+        transform = build_transforms(eval_data(recipe), train=False)
         classes = artifacts.get("classes") or []
+        if not classes and imagenet_source(recipe) is not None:
+            from pvt.hub import imagenet_classes
+
+            classes = list(imagenet_classes())
         paths = expand_inputs(inputs)
         device = next(model.parameters()).device
         results = []
@@ -153,3 +163,28 @@ class ClassificationTask(Task):
             "loss": acc[3].item() / n,
             "count": acc[2].item(),
         }
+
+
+def imagenet_source(recipe: Recipe) -> WeightsSource | None:
+    """The ``pvt.hub.WeightsSource`` of ``model.pretrained`` when the model keeps its ImageNet head
+    (1000 classes), else None. Reads the sources table only; nothing is downloaded."""
+    m = recipe.model
+    if not m.pretrained or m.num_classes != 1000:
+        return None
+    from pvt.hub import get_source
+
+    return get_source(m.name, None if m.pretrained is True else str(m.pretrained), task="imagenet")
+
+
+def eval_data(recipe: Recipe) -> ClassificationData:
+    """The recipe's data section with the evaluation transform of its published ImageNet weights
+    (input size, crop_pct, crop mode, interpolation, mean, std), or unchanged when it has none."""
+    data: ClassificationData = recipe.data
+    source = imagenet_source(recipe)
+    if source is None or source.eval_transform is None:
+        return data
+    t = source.eval_transform
+    return dataclasses.replace(
+        data, input_size=t.input_size, crop_pct=t.crop_pct, crop_mode=t.crop_mode,
+        interpolation=t.interpolation, mean=t.mean, std=t.std,
+    )  # fmt: skip
