@@ -17,6 +17,7 @@ error that names the file.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -156,7 +157,7 @@ def read_whole_segmenter(path: str) -> SegmenterCheckpoint:
     meta: dict[str, str] = {}
     if str(path).endswith(".safetensors"):
         sd, meta = read_checkpoint(path)
-        names = meta["class_names"].split("\n") if meta.get("class_names") else None
+        names = json.loads(meta["classes"]) if meta.get("classes") else None
     else:
         obj = read_checkpoint_object(path)
         sd, _ = strip_module_prefix(unwrap(obj, str(path)))
@@ -186,7 +187,7 @@ def convert_segmenter(src: str, dst: str) -> tuple[SegmenterCheckpoint, LoadRepo
     """Write a whole Semantic FPN file as this project's safetensors, load-checked first.
 
     The header keeps what building it again needs: ``task``, ``backbone``, ``num_classes``,
-    ``embed_norm_eps`` and the class names (one per line) when the source recorded them.
+    ``embed_norm_eps`` and the class names (a JSON list, ``classes``) when the source recorded them.
     """
     from pvt.checkpoint.io import save_safetensors
     from pvt.tasks.segmentation.models import semantic_fpn
@@ -203,6 +204,6 @@ def convert_segmenter(src: str, dst: str) -> tuple[SegmenterCheckpoint, LoadRepo
         "source_layout": ckpt.backbone_layout,
     }
     if ckpt.class_names:
-        meta["class_names"] = "\n".join(ckpt.class_names)
+        meta["classes"] = json.dumps(ckpt.class_names)
     save_safetensors(model.state_dict(), dst, metadata=meta)
     return ckpt, model.load_report  # type: ignore[return-value]
