@@ -83,3 +83,31 @@ def test_refuses_what_it_cannot_place(mmseg_file: Path, tmp_path: Path) -> None:
     torch.save({k[len("backbone.") :]: v for k, v in sd.items() if k.startswith("backbone.")}, backbone_only)
     with pytest.raises(CheckpointError, match=r"backbone\.pth: not a whole Semantic FPN.*backbone_checkpoint"):
         semantic_fpn("pvt_tiny", 150, checkpoint=str(backbone_only))
+
+
+def test_cli_convert_predict_and_pretrained(mmseg_file: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    """`pvt convert` keeps the recipe in the file; `pvt predict` needs nothing else; `--pretrained`
+    finds the authors' Google-Drive file once a person has put it in the cache, and says where
+    to put it before that."""
+    from PIL import Image
+
+    from pvt.cli import main
+
+    monkeypatch.setenv("PVT_CACHE", str(tmp_path / "cache"))
+    image = tmp_path / "photo.png"
+    Image.fromarray(make_image(96, 128, seed=5)).save(image)
+    dst = tmp_path / "converted.safetensors"
+    assert main(["convert", str(mmseg_file), str(dst)]) == 0
+    assert "with its recipe" in capsys.readouterr().out
+    assert main(["predict", "segmentation", "--checkpoint", str(dst), str(image)]) == 0
+    from_file = capsys.readouterr().out
+    assert "class" in from_file  # the authors' class names (from the file's meta) name the shares
+
+    assert main(["predict", "segmentation", "--pretrained", "--model", "pvt_tiny", str(image)]) == 2
+    err = capsys.readouterr().err
+    expected = tmp_path / "cache" / "weights" / "semantic_fpn_pvt_tiny_ade20k_official.pth"
+    assert str(expected) in err and "github.com/whai362/PVT" in err
+    expected.parent.mkdir(parents=True)
+    expected.write_bytes(mmseg_file.read_bytes())
+    assert main(["predict", "segmentation", "--pretrained", "--model", "pvt_tiny", str(image)]) == 0
+    assert capsys.readouterr().out == from_file

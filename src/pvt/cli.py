@@ -33,6 +33,13 @@ def _cmd_flops(args: argparse.Namespace) -> int:
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
+    from pvt.tasks.published import convert_whole_model, whole_model_task
+
+    if whole_model_task(args.src) is not None:  # a whole detector / segmenter, with its recipe
+        if args.arch:
+            raise ValueError(f"{args.src}: --arch is for backbones; a whole model names its own backbone")
+        print(convert_whole_model(args.src, args.dst))
+        return 0
     src = read_state_dict(args.src)
     sd = src.state_dict
     arch = args.arch or infer_arch(sd)
@@ -65,6 +72,7 @@ def _recipe(args: argparse.Namespace, task_name: str, default_preset: str | None
     from pvt.engine import load_recipe
     from pvt.engine.presets import load_preset
     from pvt.tasks import get_task
+    from pvt.tasks.published import HUB_TASK, published_recipe, recipe_of
 
     task = get_task(task_name)
     preset_name = args.preset
@@ -76,6 +84,13 @@ def _recipe(args: argparse.Namespace, task_name: str, default_preset: str | None
         preset_name = str(Path(ckpt).parent / "config.yaml")
     chosen = preset_name or default_preset
     preset = load_preset(task_name, chosen) if chosen else {}
+    if preset_name is None and task_name in HUB_TASK:
+        # A converted whole model carries its recipe; a published one gets the papers' recipe.
+        if ckpt:
+            preset = recipe_of(ckpt) or preset
+        elif pretrained is not None:
+            model = getattr(args, "model", None) or "pvt_small"
+            preset = published_recipe(task_name, model, pretrained, getattr(args, "set", None) or [])
     overrides = list(args.set or [])
     if getattr(args, "data", None):
         overrides.append(f"data.root={args.data}")
@@ -233,7 +248,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_flops)
 
     p = sub.add_parser("convert", help="convert any supported checkpoint to pvt-vision safetensors")
-    p.add_argument("src", help="official / timm / HF / mmdet / mmseg / pvt-vision checkpoint")
+    p.add_argument(
+        "src",
+        help="a backbone (official / timm / HF / mmdet / pvt-vision) or a whole detector / "
+        "segmenter (mmdetection, the authors' mmdet / mmseg releases, pvt-vision)",
+    )
     p.add_argument("dst", help="output .safetensors path")
     p.add_argument("--arch", choices=list_models(), metavar="NAME", help="default: inferred")
     p.set_defaults(func=_cmd_convert)

@@ -23,18 +23,17 @@ HUB_TASK = {"detection": "coco", "segmentation": "ade20k"}
 RECIPE_KEY = "recipe"
 
 
-def published_checkpoint(task: str, backbone: str, arch: str, tag: bool | str = True) -> str:
+def published_checkpoint(task: str, backbone: str, tag: bool | str = True, detector: str | None = None) -> str:
     """The local path of a published whole model (downloaded into the cache when it can be).
 
-    ``task``: ``detection`` or ``segmentation``; ``arch``: ``retinanet``, ``mask_rcnn`` or
-    ``semantic_fpn``; ``tag``: True for the default source, or a tag of ``pvt weights``
-    (``coco``, ``coco-official``, ``ade20k-official``, ...).
+    ``task``: ``detection`` or ``segmentation``; ``detector``: ``retinanet`` or ``mask_rcnn``;
+    ``tag``: True for the default file, or a tag of ``pvt weights`` (``coco``,
+    ``coco-official``, ``ade20k-official``, ...). Google-Drive files raise an error that says where
+    to get them and where to put them.
     """
-    from pvt.hub import get_source, resolve
+    from pvt.hub import resolve
 
-    hub_task = HUB_TASK[task]
-    source = get_source(backbone, None if tag is True else str(tag), task=hub_task, arch=arch)
-    return str(resolve(source))
+    return str(resolve(published_source(task, backbone, tag, detector)))
 
 
 def _keys(path: str | os.PathLike[str]) -> tuple[list[str], dict[str, str]]:
@@ -114,3 +113,27 @@ def convert_whole_model(src: str, dst: str) -> str:
     meta = {**meta, "task": task, RECIPE_KEY: json.dumps(paper_recipe(task, model))}
     save_safetensors(sd, dst, metadata=meta)
     return f"{report}\nwrote {dst} ({task}: {model['name']}, {model['num_classes']} classes, with its recipe)"
+
+
+def published_source(task: str, backbone: str, tag: bool | str, detector: str | None = None) -> Any:
+    """The ``pvt weights`` row of a published detector / segmenter (``pvt.hub.WeightsSource``).
+
+    ``tag`` True (or the task's name, ``coco`` / ``ade20k``) picks the default file for
+    ``detector``; any other tag names its file, whatever its detector.
+    """
+    from pvt.hub import get_source
+
+    hub_task = HUB_TASK[task]
+    arch = "semantic_fpn" if task == "segmentation" else detector
+    default = tag is True or tag == hub_task
+    return get_source(backbone, None if default else str(tag), task=hub_task, arch=arch if default else None)
+
+
+def published_recipe(task: str, backbone: str, tag: bool | str, overrides: list[str]) -> dict[str, Any]:
+    """The papers' recipe for a published whole model (``pvt predict detection --pretrained coco``)."""
+    detector = next((o.split("=", 1)[1] for o in overrides if o.startswith("model.detector=")), "retinanet")
+    source = published_source(task, backbone, tag, detector)
+    model: dict[str, Any] = {"name": backbone, "num_classes": source.num_classes}
+    if task == "detection":
+        model["detector"] = source.arch
+    return paper_recipe(task, model)

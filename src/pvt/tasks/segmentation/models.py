@@ -109,6 +109,7 @@ def semantic_fpn(
     dropout: float = 0.1,
     norm: Callable[[int], nn.Module] = nn.BatchNorm2d,
     checkpoint: str | None = None,
+    pretrained: bool | str = False,
 ) -> SemanticFPN:
     """Semantic FPN on any registered PVT or ``resnet18`` / ``resnet50`` / ``resnet101``.
 
@@ -117,8 +118,15 @@ def semantic_fpn(
     ``checkpoint``: a whole model's weights: the authors' / mmsegmentation's Semantic FPN files
     (converted on load, see ``pvt.tasks.segmentation.convert``) or this project's own; the backbone
     and class count must be the file's (an error says which). ``model.load_report`` tells what
-    was loaded and what was deliberately left out.
+    was loaded and what was deliberately left out. ``pretrained``: the published ADE20K model for
+    ``backbone`` (True or a tag of ``pvt weights``), fetched into the cache where it can be.
     """
+    if pretrained:
+        if checkpoint is not None:
+            raise ValueError("pass either checkpoint= or pretrained=, not both")
+        from pvt.tasks.published import published_checkpoint
+
+        checkpoint = published_checkpoint("segmentation", backbone, pretrained)
     whole = read_whole_segmenter(checkpoint) if checkpoint is not None else None
     if whole is not None:
         if whole.backbone not in (None, backbone) or whole.num_classes != num_classes:

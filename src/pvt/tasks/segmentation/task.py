@@ -52,6 +52,7 @@ def build_segmenter(m: SegmentationModel) -> nn.Module:
         m.name,
         m.num_classes,
         checkpoint=m.checkpoint,
+        pretrained=False if m.checkpoint else m.pretrained,  # --pretrained [TAG]: the published model
         backbone_checkpoint=m.backbone_checkpoint,
         backbone_pretrained=m.backbone_pretrained,
         drop_path_rate=m.drop_path_rate,
