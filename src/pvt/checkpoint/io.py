@@ -36,8 +36,10 @@ def read_checkpoint(path: str | os.PathLike[str]) -> tuple[StateDict, dict[str, 
     return unwrap(read_checkpoint_object(p), str(p)), {}
 
 
-# Packages whose pickled objects OpenMMLab checkpoints carry in their metadata; read as inert stand-ins.
-INERT_PREFIXES = ("numpy.", "mmengine.", "mmcv.", "mmdet.", "mmseg.")
+# Packages whose pickled objects OpenMMLab checkpoints carry in their metadata, read as inert
+# stand-ins; ``builtins.getattr`` is how pickle reaches a class attribute (numpy dtypes in
+# mmengine's message hub), and its stand-in looks nothing up either.
+INERT_PREFIXES = ("numpy.", "mmengine.", "mmcv.", "mmdet.", "mmseg.", "builtins.getattr")
 
 
 def _inert_class(qualified: str) -> type:
