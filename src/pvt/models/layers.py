@@ -17,8 +17,11 @@ from pvt.models import fused
 
 # Blocks and stage norms use eps 1e-6 (the official `norm_layer`); patch-embedding and
 # spatial-reduction norms are plain `nn.LayerNorm`, i.e. eps 1e-5, in the official code.
+# mmdetection's own PVT uses 1e-6 there too, so its checkpoints are built with
+# `embed_norm_eps=MMDET_EMBED_NORM_EPS` (the models' keyword for these two norms).
 BLOCK_NORM_EPS = 1e-6
 EMBED_NORM_EPS = 1e-5
+MMDET_EMBED_NORM_EPS = 1e-6
 
 
 def tokens_to_image(x: Tensor, hw: tuple[int, int]) -> Tensor:
@@ -69,13 +72,22 @@ class PatchEmbed(nn.Module):
     (kernel 7 stride 4 for stage 1, kernel 3 stride 2 after, padding kernel // 2).
     """
 
-    def __init__(self, in_chans: int, embed_dim: int, patch_size: int, stride: int, padding: int = 0) -> None:
+    def __init__(
+        self,
+        in_chans: int,
+        embed_dim: int,
+        patch_size: int,
+        stride: int,
+        padding: int = 0,
+        *,
+        norm_eps: float = EMBED_NORM_EPS,
+    ) -> None:
         super().__init__()
         self.patch_size = patch_size
         self.stride = stride
         self.padding = padding
         self.proj = nn.Conv2d(in_chans, embed_dim, patch_size, stride, padding)
-        self.norm = nn.LayerNorm(embed_dim, eps=EMBED_NORM_EPS)
+        self.norm = nn.LayerNorm(embed_dim, eps=norm_eps)
 
     def output_size(self, h: int, w: int) -> tuple[int, int]:
         """Grid size this embedding produces from an ``h x w`` input (conv arithmetic)."""
@@ -111,6 +123,7 @@ class Attention(nn.Module):
         sr_ratio: int = 1,
         linear: bool = False,
         fused_attn: bool = True,
+        norm_eps: float = EMBED_NORM_EPS,
     ) -> None:
         super().__init__()
         assert dim % num_heads == 0, f"dim {dim} must be divisible by num_heads {num_heads}"
@@ -136,11 +149,11 @@ class Attention(nn.Module):
         if linear:
             self.pool = nn.AdaptiveAvgPool2d(7)
             self.sr = nn.Conv2d(dim, dim, kernel_size=1, stride=1)
-            self.norm = nn.LayerNorm(dim, eps=EMBED_NORM_EPS)
+            self.norm = nn.LayerNorm(dim, eps=norm_eps)
             self.act = nn.GELU()
         elif sr_ratio > 1:
             self.sr = nn.Conv2d(dim, dim, kernel_size=sr_ratio, stride=sr_ratio)
-            self.norm = nn.LayerNorm(dim, eps=EMBED_NORM_EPS)
+            self.norm = nn.LayerNorm(dim, eps=norm_eps)
 
     def kv_grid(self, h: int, w: int) -> tuple[int, int]:
         """Grid of the reduced key/value tokens for an ``h x w`` query grid."""
@@ -263,6 +276,7 @@ class Block(nn.Module):
         linear: bool = False,
         dwconv: bool = False,
         fused_attn: bool = True,
+        sr_norm_eps: float = EMBED_NORM_EPS,
     ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=BLOCK_NORM_EPS)
@@ -275,6 +289,7 @@ class Block(nn.Module):
             sr_ratio=sr_ratio,
             linear=linear,
             fused_attn=fused_attn,
+            norm_eps=sr_norm_eps,
         )
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=BLOCK_NORM_EPS)

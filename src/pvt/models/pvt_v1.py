@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from pvt.models.base import PyramidBackbone
 from pvt.models.layers import (
     BLOCK_NORM_EPS,
+    EMBED_NORM_EPS,
     Block,
     PatchEmbed,
     drop_path_rates,
@@ -63,6 +64,7 @@ class PyramidVisionTransformer(PyramidBackbone):
         features_only: bool = False,
         out_indices: Sequence[int] = (0, 1, 2, 3),
         fused_attn: bool = True,
+        embed_norm_eps: float = EMBED_NORM_EPS,
     ) -> None:
         super().__init__(
             in_chans=in_chans,
@@ -82,7 +84,7 @@ class PyramidVisionTransformer(PyramidBackbone):
             grid = img_size // (4 * 2**i)
             self.pos_grids.append((grid, grid))
             dim = embed_dims[i]
-            setattr(self, f"patch_embed{i + 1}", PatchEmbed(prev, dim, patch, patch))
+            setattr(self, f"patch_embed{i + 1}", PatchEmbed(prev, dim, patch, patch, norm_eps=embed_norm_eps))
             # The last stage's table has a leading cls slot: [1, 1 + grid^2, C].
             extra = 1 if i == self.num_stages - 1 else 0
             setattr(self, f"pos_embed{i + 1}", nn.Parameter(torch.zeros(1, grid * grid + extra, dim)))
@@ -98,6 +100,7 @@ class PyramidVisionTransformer(PyramidBackbone):
                     drop_path=dpr[i][j],
                     sr_ratio=sr_ratios[i],
                     fused_attn=fused_attn,
+                    sr_norm_eps=embed_norm_eps,
                 )
                 for j in range(depths[i])
             ]

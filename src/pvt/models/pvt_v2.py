@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from pvt.models.base import PyramidBackbone
 from pvt.models.layers import (
     BLOCK_NORM_EPS,
+    EMBED_NORM_EPS,
     Block,
     PatchEmbed,
     drop_path_rates,
@@ -48,6 +49,7 @@ class PyramidVisionTransformerV2(PyramidBackbone):
         features_only: bool = False,
         out_indices: Sequence[int] = (0, 1, 2, 3),
         fused_attn: bool = True,
+        embed_norm_eps: float = EMBED_NORM_EPS,
     ) -> None:
         super().__init__(
             in_chans=in_chans,
@@ -64,7 +66,7 @@ class PyramidVisionTransformerV2(PyramidBackbone):
         for i in range(self.num_built):
             k, s = (7, 4) if i == 0 else (3, 2)
             dim = embed_dims[i]
-            setattr(self, f"patch_embed{i + 1}", PatchEmbed(prev, dim, k, s, padding=k // 2))
+            setattr(self, f"patch_embed{i + 1}", PatchEmbed(prev, dim, k, s, padding=k // 2, norm_eps=embed_norm_eps))
             blocks = [
                 Block(
                     dim,
@@ -78,6 +80,7 @@ class PyramidVisionTransformerV2(PyramidBackbone):
                     linear=linear,
                     dwconv=True,
                     fused_attn=fused_attn,
+                    sr_norm_eps=embed_norm_eps,
                 )
                 for j in range(depths[i])
             ]

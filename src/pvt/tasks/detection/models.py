@@ -7,10 +7,20 @@ Wiring follows the papers' mmdetection configs (pvt-facts section 5):
   C5 already has 256 channels (PVT v2-b0), so ``LastLevelP6P7FromC5`` is used instead.
 * Mask R-CNN: C2-C5 into a 256-channel FPN, P6 by max-pool, RoIAlign 7 (boxes) and 14 (masks).
 
-Deliberate differences from mmdetection, each a named argument: ``fpn_channels`` (256),
-``anchor_sizes`` (mmdet's octave scales by default), ``min_size`` / ``max_size`` (torchvision's
-internal resize to (800, 1333) with padding to a multiple of 32), and torchvision's box coder and
-class-agnostic conventions in its heads.
+Test-time arithmetic is a named switch, ``semantics``:
+
+* ``"torchvision"`` (the default for a new model, and what every shipped shapes preset was trained
+  and measured with): torchvision's rounded anchors, box coder (dw clamped above only), top-k,
+  NMS, 0..1 normalisation and float resize, and a ReLU before P7.
+* ``"mmdet"``: mmdetection 3.3's (``pvt.tasks.detection.mmdet_compat`` / ``mmdet_rcnn``): unrounded
+  anchors on fixed strides, ``DeltaXYWHBBoxCoder`` decoding, mmcv's NMS and ``batched_nms``,
+  mmdet's per-level post-processing and box rescaling, OpenCV-exact resizing, 0-255 mean/std,
+  no ReLU before P7. A model converted from an mmdetection checkpoint is built with it and then
+  computes what mmdetection computes; the weights and state-dict keys are the same either way.
+
+Other deliberate differences from mmdetection, each a named argument: ``fpn_channels`` (256),
+``anchor_sizes`` (mmdet's octave scales by default), ``min_size`` / ``max_size``, and torchvision's
+losses and samplers in training.
 """
 
 from __future__ import annotations
@@ -33,6 +43,9 @@ from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, LastLevelMaxP
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from pvt.models import create_model, list_models
+from pvt.models.layers import EMBED_NORM_EPS
+from pvt.tasks.detection.mmdet_compat import MMDetAnchorGenerator, MMDetRetinaNet, MMDetTransform
+from pvt.tasks.detection.mmdet_rcnn import rpn_anchor_generator, to_mmdet_semantics
 
 RESNETS = ("resnet18", "resnet50", "resnet101")
 # mmdet's ImageNet normalisation in 0..1 units (the detectors' transform normalises).
@@ -115,6 +128,7 @@ def backbone_fpn(
     fpn_channels: int,
     extra: str | None,
     checkpoint: str | None = None,
+    backbone_pretrained: bool | str = False,
     drop_path_rate: float = 0.1,
     freeze_stages: int = 0,
     resnet_norm: type[nn.Module] = FrozenBatchNorm2d,
@@ -123,13 +137,19 @@ def backbone_fpn(
     """PVT (``features_only``) or ResNet body for the given stages (0 = stride 4) with an FPN.
 
     ``extra``: ``"p6p7_c5"`` (RetinaNet), ``"maxpool"`` (Mask R-CNN) or None (Semantic FPN).
+    ``backbone_pretrained``: the PVT's published ImageNet weights (True: the default source, or a
+    tag, see ``pvt weights``), the papers' starting point; ``checkpoint``: a backbone file instead.
     ``embed_norm_eps``: the PVT's patch-embedding / spatial-reduction LayerNorm eps (None: the
     official 1e-5; mmdetection's own PVT, and so its checkpoints, use 1e-6).
     """
     body: nn.Module
+    if checkpoint is not None and backbone_pretrained:
+        raise ValueError("pass either backbone_checkpoint (a file) or backbone_pretrained (published weights)")
     if backbone in RESNETS:
-        if checkpoint is not None:
-            raise ValueError("backbone_checkpoint is supported for PVT backbones; load ResNet weights yourself")
+        if checkpoint is not None or backbone_pretrained:
+            raise ValueError(
+                "backbone_checkpoint / backbone_pretrained work for PVT backbones; load ResNet weights yourself"
+            )
         rn = _ResNetBody(backbone, stages, resnet_norm)
         body, channels = rn, rn.channels
     elif backbone in list_models():
@@ -139,6 +159,7 @@ def backbone_fpn(
             features_only=True,
             out_indices=tuple(stages),
             drop_path_rate=drop_path_rate,
+            pretrained=backbone_pretrained,
             checkpoint=checkpoint,
             **eps,
         )
@@ -166,11 +187,22 @@ def mmdet_anchor_sizes(
     return tuple(tuple(octave_base * s * 2 ** (k / scales) for k in range(scales)) for s in strides)
 
 
+SEMANTICS = ("torchvision", "mmdet")
+
+
+def check_semantics(semantics: str) -> str:
+    if semantics not in SEMANTICS:
+        raise ValueError(f"semantics={semantics!r}: expected one of {SEMANTICS}")
+    return semantics
+
+
 def retinanet(
     backbone: str = "pvt_small",
     num_classes: int = 80,
     *,
+    checkpoint: str | None = None,
     backbone_checkpoint: str | None = None,
+    backbone_pretrained: bool | str = False,
     drop_path_rate: float = 0.1,
     freeze_stages: int = 0,
     fpn_channels: int = 256,
@@ -179,29 +211,82 @@ def retinanet(
     min_size: int | Sequence[int] = 800,
     max_size: int = 1333,
     head_norm: bool = False,
+    semantics: str | None = None,
+    embed_norm_eps: float | None = None,
+    octave_base_scale: float = 4.0,
     **kwargs: object,
 ) -> RetinaNet:
     """RetinaNet (focal loss, 9 anchors per location) on C3-C5 + P6 (from C5) + P7.
 
     ``num_classes`` counts object classes (80 for COCO); RetinaNet has no background class.
+    ``backbone_pretrained``: start the PVT from its published ImageNet weights (True or a tag).
+    ``checkpoint``: a whole detector (an mmdetection 2.x / 3.x or authors' mmdet-2.13 file, or
+    this project's ``model.safetensors`` / converted file, see ``pvt.tasks.detection.convert``);
+    its backbone must be ``backbone`` and its class count ``num_classes``. ``semantics``:
+    ``"torchvision"`` (default for a new model) or ``"mmdet"`` (mmdetection 3.3's anchors, box
+    decoding, preprocessing, post-processing and P7 without ReLU; see
+    ``pvt.tasks.detection.mmdet_compat``); None takes the checkpoint's. ``embed_norm_eps``: the
+    PVT's patch-embedding / spatial-reduction LayerNorm eps (None: the checkpoint's, else 1e-5).
+    ``octave_base_scale`` sizes the mmdet anchors (``anchor_sizes`` is torchvision's form).
     Extra ``kwargs`` go to torchvision's ``RetinaNet`` (score thresholds, detections per image...).
     """
+    if checkpoint is not None:
+        from pvt.tasks.detection.convert import read_detector_checkpoint
+
+        if backbone_checkpoint is not None or backbone_pretrained:
+            raise ValueError("pass either checkpoint= (a whole detector) or backbone weights, not both")
+        ckpt = read_detector_checkpoint(checkpoint)
+        ckpt.check("retinanet", backbone, num_classes)
+        extra: dict[str, Any] = dict(kwargs)
+        model = retinanet(
+            backbone,
+            num_classes,
+            drop_path_rate=drop_path_rate,
+            freeze_stages=freeze_stages,
+            fpn_channels=fpn_channels,
+            anchor_sizes=anchor_sizes,
+            aspect_ratios=aspect_ratios,
+            min_size=min_size,
+            max_size=max_size,
+            head_norm=head_norm,
+            semantics=semantics or ckpt.semantics,
+            embed_norm_eps=ckpt.embed_norm_eps if embed_norm_eps is None else embed_norm_eps,
+            octave_base_scale=octave_base_scale,
+            **extra,
+        )
+        ckpt.load_into(model)
+        return model
+    mmdet = check_semantics(semantics or "torchvision") == "mmdet"
     bb = backbone_fpn(
         backbone,
         (1, 2, 3),
         fpn_channels=fpn_channels,
         extra="p6p7_c5",
         checkpoint=backbone_checkpoint,
+        backbone_pretrained=backbone_pretrained,
         drop_path_rate=drop_path_rate,
         freeze_stages=freeze_stages,
+        embed_norm_eps=embed_norm_eps,
     )
-    sizes = tuple(tuple(s) for s in anchor_sizes) if anchor_sizes else mmdet_anchor_sizes((8, 16, 32, 64, 128))
-    anchors = AnchorGenerator(sizes, (tuple(aspect_ratios),) * len(sizes))
+    anchors: AnchorGenerator
+    if mmdet:
+        if anchor_sizes is not None:
+            raise ValueError("semantics='mmdet' sizes anchors by octave_base_scale, not anchor_sizes")
+        assert isinstance(bb.fpn.extra_blocks, LastLevelP6P7FromC5)
+        bb.fpn.extra_blocks.relu_before_p7 = False  # mmdet relu_before_extra_convs=False
+        anchors = MMDetAnchorGenerator(
+            (8, 16, 32, 64, 128), aspect_ratios, octave_base_scale=octave_base_scale, scales_per_octave=3
+        )
+    else:
+        sizes = tuple(tuple(s) for s in anchor_sizes) if anchor_sizes else mmdet_anchor_sizes((8, 16, 32, 64, 128))
+        anchors = AnchorGenerator(sizes, (tuple(aspect_ratios),) * len(sizes))
     # GroupNorm in the head (torchvision's RetinaNet v2) trains much faster from scratch; the
     # papers' head has none, so it is off by default.
     norm = partial(nn.GroupNorm, min(32, fpn_channels // 4)) if head_norm else None
     head = RetinaNetHead(fpn_channels, anchors.num_anchors_per_location()[0], num_classes, norm_layer=norm)
-    model = RetinaNet(
+    if mmdet:
+        kwargs.setdefault("detections_per_img", 100)  # mmdet max_per_img (torchvision: 300)
+    model = (MMDetRetinaNet if mmdet else RetinaNet)(
         bb,
         num_classes,
         min_size=min_size,
@@ -212,7 +297,11 @@ def retinanet(
         head=head,
         **kwargs,
     )
+    if mmdet:
+        model.transform = MMDetTransform(min_size, max_size)
     model.arch = f"retinanet_{backbone}"  # type: ignore[assignment]
+    model.semantics = "mmdet" if mmdet else "torchvision"  # type: ignore[assignment]
+    model.embed_norm_eps = EMBED_NORM_EPS if embed_norm_eps is None else embed_norm_eps  # type: ignore[assignment]
     return model
 
 
@@ -220,7 +309,9 @@ def mask_rcnn(
     backbone: str = "pvt_small",
     num_classes: int = 80,
     *,
+    checkpoint: str | None = None,
     backbone_checkpoint: str | None = None,
+    backbone_pretrained: bool | str = False,
     drop_path_rate: float = 0.1,
     freeze_stages: int = 0,
     fpn_channels: int = 256,
@@ -229,24 +320,67 @@ def mask_rcnn(
     min_size: int | Sequence[int] = 800,
     max_size: int = 1333,
     head_width: int | None = None,
+    semantics: str | None = None,
+    embed_norm_eps: float | None = None,
     **kwargs: object,
 ) -> MaskRCNN:
     """Mask R-CNN on C2-C5 + P6 (max-pool), RoIAlign 7 for boxes and 14 for masks.
 
     ``num_classes`` counts object classes (80 for COCO); the background class is added here.
+    ``backbone_pretrained``: start the PVT from its published ImageNet weights (True or a tag).
     ``head_width`` narrows the RoI heads (box MLP and mask convs; the papers' are 1024 / 256).
+    ``checkpoint``: a whole detector (mmdetection 2.x / 3.x or authors' Mask R-CNN file, or this
+    project's, see ``pvt.tasks.detection.convert``); its backbone must be ``backbone`` and its class
+    count ``num_classes``. ``semantics``: ``"torchvision"`` (default for a new model) or ``"mmdet"``:
+    mmdetection 3.3's unrounded anchors, RPN proposals, RoIAlign (aligned, adaptive sampling) and
+    level mapping, RCNN post-process, mask pasting and preprocessing (see
+    ``pvt.tasks.detection.mmdet_rcnn``); None takes the checkpoint's. The weights are the same either
+    way. ``embed_norm_eps``: the PVT's patch-embedding / spatial-reduction LayerNorm eps (None: the
+    checkpoint's, else the official 1e-5; mmdetection's PVT uses 1e-6).
     """
+    if checkpoint is not None:
+        from pvt.tasks.detection.convert import read_detector_checkpoint
+
+        if backbone_checkpoint is not None:
+            raise ValueError("pass either checkpoint= (a whole detector) or backbone_checkpoint=, not both")
+        ckpt = read_detector_checkpoint(checkpoint)
+        ckpt.check("mask_rcnn", backbone, num_classes)
+        rest: dict[str, Any] = dict(kwargs)
+        model = mask_rcnn(
+            backbone,
+            num_classes,
+            drop_path_rate=drop_path_rate,
+            freeze_stages=freeze_stages,
+            fpn_channels=fpn_channels,
+            anchor_sizes=anchor_sizes,
+            aspect_ratios=aspect_ratios,
+            min_size=min_size,
+            max_size=max_size,
+            head_width=head_width,
+            semantics=semantics or ckpt.semantics,
+            embed_norm_eps=ckpt.embed_norm_eps if embed_norm_eps is None else embed_norm_eps,
+            **rest,
+        )
+        ckpt.load_into(model)
+        return model
+    mmdet = check_semantics(semantics or "torchvision") == "mmdet"
     bb = backbone_fpn(
         backbone,
         (0, 1, 2, 3),
         fpn_channels=fpn_channels,
         extra="maxpool",
         checkpoint=backbone_checkpoint,
+        backbone_pretrained=backbone_pretrained,
         drop_path_rate=drop_path_rate,
         freeze_stages=freeze_stages,
+        embed_norm_eps=embed_norm_eps,
     )
     sizes = tuple(tuple(s) for s in anchor_sizes) if anchor_sizes else ((32,), (64,), (128,), (256,), (512,))
-    anchors = AnchorGenerator(sizes, (tuple(aspect_ratios),) * len(sizes))
+    anchors = (
+        rpn_anchor_generator(sizes, aspect_ratios)
+        if mmdet
+        else AnchorGenerator(sizes, (tuple(aspect_ratios),) * len(sizes))
+    )
     if head_width is not None:
         kwargs.update(
             box_head=TwoMLPHead(fpn_channels * 7 * 7, head_width),
@@ -267,5 +401,9 @@ def mask_rcnn(
         rpn_anchor_generator=anchors,
         **kwargs,
     )
+    if mmdet:
+        to_mmdet_semantics(model)
     model.arch = f"mask_rcnn_{backbone}"  # type: ignore[assignment]
+    model.semantics = "mmdet" if mmdet else "torchvision"  # type: ignore[assignment]
+    model.embed_norm_eps = EMBED_NORM_EPS if embed_norm_eps is None else embed_norm_eps  # type: ignore[assignment]
     return model

@@ -16,7 +16,8 @@ from torch.utils.data import Dataset
 from pvt.checkpoint.io import atomic_write, save_png
 from pvt.engine.config import ModelConfig, Recipe
 from pvt.engine.distributed import DistInfo, gather_objects
-from pvt.engine.task import Task, load_whole_model
+from pvt.engine.task import Task
+from pvt.tasks.detection.convert import read_detector_checkpoint
 from pvt.tasks.detection.data import CocoDetection, DetectionData, coco_paths, collate
 from pvt.tasks.detection.evaluate import STAT_NAMES, coco_evaluate, to_coco_results
 from pvt.tasks.detection.models import mask_rcnn, mmdet_anchor_sizes, retinanet
@@ -25,12 +26,14 @@ from pvt.tasks.detection.models import mask_rcnn, mmdet_anchor_sizes, retinanet
 @dataclass
 class DetectionModel(ModelConfig):
     """The ``model`` section of a detection recipe. ``name`` is the backbone; ``checkpoint`` is a
-    whole detector's weights (a run's ``model.safetensors``), ``backbone_checkpoint`` a backbone's."""
+    whole detector's weights (a run's ``model.safetensors``, a ``convert_detector`` output or an
+    mmdetection / authors' checkpoint), ``backbone_checkpoint`` a backbone's."""
 
     name: str = "pvt_small"
     num_classes: int = 80
     detector: str = "retinanet"  # retinanet | mask_rcnn
     backbone_checkpoint: str | None = None
+    backbone_pretrained: bool | str = False  # the backbone's published ImageNet weights: true or a tag
     fpn_channels: int = 256
     anchor_base: float = 4.0  # RetinaNet: octave base scale (mmdet 4); Mask R-CNN: P2 anchor = 8 x this
     min_size: list[int] = field(default_factory=lambda: [800])  # several: multi-scale training
@@ -41,12 +44,25 @@ class DetectionModel(ModelConfig):
     head_width: int | None = None  # Mask R-CNN: narrower RoI heads (None: 1024-d box MLP, 256-ch mask convs)
     roi_batch: int = 512  # Mask R-CNN: sampled RoIs per image for the box/mask heads (mmdet 512)
     rpn_proposals: int = 2000  # Mask R-CNN: proposals kept after NMS in training (mmdet 1000 per level)
+    # Test-time arithmetic: "torchvision" or "mmdet" (mmdetection 3.3's anchors, box coding, NMS,
+    # preprocessing and post-processing; see pvt.tasks.detection.mmdet_compat). None: the
+    # checkpoint's (an mmdetection file says mmdet), else torchvision.
+    semantics: str | None = None
+    embed_norm_eps: float | None = None  # PVT patch-embed / SR LayerNorm eps; None: checkpoint's, else 1e-5
 
 
-def build_detector(m: DetectionModel) -> nn.Module:
+def build_detector(
+    m: DetectionModel, *, semantics: str | None = None, embed_norm_eps: float | None = None
+) -> nn.Module:
+    """The recipe's detector, untrained. ``semantics`` / ``embed_norm_eps`` override the recipe's
+    (the task passes a checkpoint's when the recipe leaves them unset)."""
+    semantics = semantics or m.semantics or "torchvision"
     common: dict[str, Any] = dict(
+        semantics=semantics,
+        embed_norm_eps=m.embed_norm_eps if embed_norm_eps is None else embed_norm_eps,
         num_classes=m.num_classes,
         backbone_checkpoint=m.backbone_checkpoint,
+        backbone_pretrained=False if m.checkpoint else m.backbone_pretrained,  # a whole detector replaces it
         drop_path_rate=m.drop_path_rate,
         freeze_stages=m.freeze_stages,
         fpn_channels=m.fpn_channels,
@@ -54,10 +70,12 @@ def build_detector(m: DetectionModel) -> nn.Module:
         max_size=m.max_size,
     )
     if m.detector == "retinanet":
-        sizes = mmdet_anchor_sizes((8, 16, 32, 64, 128), octave_base=m.anchor_base)
+        if semantics == "mmdet":  # mmdet's generator takes the octave base itself
+            common["octave_base_scale"] = m.anchor_base
+        else:
+            common["anchor_sizes"] = mmdet_anchor_sizes((8, 16, 32, 64, 128), octave_base=m.anchor_base)
         return retinanet(
             m.name,
-            anchor_sizes=sizes,
             head_norm=m.head_norm,
             score_thresh=m.score_thresh,
             detections_per_img=m.detections_per_img,
@@ -99,9 +117,18 @@ class DetectionTask(Task):
         assert isinstance(m, DetectionModel)
         self._masks = m.detector == "mask_rcnn"
         self._offset = 1 if self._masks else 0  # Mask R-CNN's label 0 is background
-        model = build_detector(m)
-        if m.checkpoint:
-            load_whole_model(model, m.checkpoint, f"a {m.detector} on {m.name} with {m.num_classes} classes")
+        # A whole detector (a run's model.safetensors, a converted or an mmdetection file): it must
+        # be this recipe's detector, backbone and class count, and it brings its semantics and eps.
+        ckpt = read_detector_checkpoint(m.checkpoint) if m.checkpoint else None
+        if ckpt is None:
+            return build_detector(m)
+        ckpt.check(m.detector, m.name, m.num_classes)
+        model = build_detector(
+            m,
+            semantics=m.semantics or ckpt.semantics,
+            embed_norm_eps=ckpt.embed_norm_eps if m.embed_norm_eps is None else m.embed_norm_eps,
+        )
+        ckpt.load_into(model)
         return model
 
     def build_datasets(self, recipe: Recipe, *, train: bool = True) -> tuple[Dataset[Any] | None, Dataset[Any]]:
