@@ -15,12 +15,10 @@ from torchvision.ops import roi_align
 import mmdet_reference as mref
 from pvt.checkpoint import CheckpointError
 from pvt.tasks.detection.convert import convert_detector, convert_mmdet_detector, read_detector_checkpoint
-from pvt.tasks.detection.mmdet_compat import mmdet_paste_masks
+from pvt.tasks.detection.mmdet_compat import MMDetTransform, mmdet_paste_masks
 from pvt.tasks.detection.mmdet_rcnn import (
-    MMDetRCNNTransform,
     MMDetRoIAlign,
     convert_rcnn_heads,
-    paste_masks_mmdet,
 )
 from pvt.tasks.detection.models import mask_rcnn
 
@@ -162,8 +160,8 @@ def test_windowed_paste_is_mmdets_full_paste() -> None:
     boxes = torch.cat([xy, xy + 1 + torch.rand(12, 2, generator=g) * 30], 1)
     boxes[0] = torch.tensor([10.0, 10.0, 10.0, 30.0])  # zero width
     masks = torch.rand(12, 1, 28, 28, generator=g)
-    ours = paste_masks_mmdet(masks, boxes, 70, 90)
-    full = mmdet_paste_masks(masks, boxes, (70, 90))
+    ours = mmdet_paste_masks(masks, boxes, (70, 90))
+    full = mmdet_paste_masks(masks, boxes, (70, 90), window=False)
     assert torch.equal(ours[1:] >= 0.5, full[1:] >= 0.5)
     inside = ours > 0
     assert torch.equal(ours[inside], full[inside])
@@ -172,7 +170,7 @@ def test_windowed_paste_is_mmdets_full_paste() -> None:
 
 
 def test_postprocess_maps_a_resized_image_back() -> None:
-    t = MMDetRCNNTransform(800, 1333).eval()
+    t = MMDetTransform(800, 1333).eval()
     masks = torch.zeros(1, 1, 28, 28)
     masks[..., 7:21, 7:21] = 1.0
     pred = {"boxes": torch.tensor([[100.0, 200.0, 500.0, 600.0]]), "masks": masks}
@@ -281,5 +279,5 @@ def test_mask_rcnn_matches_mmdetection(converted: torch.nn.Module, index: int) -
     assert min(ious) >= 0.99, f"{r['name']}: mask IoU down to {min(ious):.4f}"
     # mmdet's own mask logits pasted on mmdet's boxes give mmdet's masks bit for bit
     probs = r["mask_logits"][:, None].sigmoid()
-    pasted = paste_masks_mmdet(probs, r["boxes"][:10], r["height"], r["width"])[:, 0] >= 0.5
+    pasted = mmdet_paste_masks(probs, r["boxes"][:10], (r["height"], r["width"]))[:, 0] >= 0.5
     assert np.array_equal(pasted.numpy(), theirs[:10])

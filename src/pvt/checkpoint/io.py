@@ -86,6 +86,19 @@ def read_checkpoint_object(path: str | os.PathLike[str]) -> Any:
         ) from e
 
 
+def openmmlab_class_names(obj: Any) -> list[str] | None:
+    """``meta.dataset_meta.classes`` (mmdet 3.x) or ``meta.CLASSES`` (mmdet 2.x), if plain strings."""
+    meta = obj.get("meta") if isinstance(obj, Mapping) else None
+    if not isinstance(meta, Mapping):
+        return None
+    dataset_meta = meta.get("dataset_meta")
+    names = dataset_meta.get("classes") if isinstance(dataset_meta, Mapping) else None
+    names = names if names is not None else meta.get("CLASSES")
+    if isinstance(names, (list, tuple)) and names and all(isinstance(n, str) for n in names):
+        return list(names)
+    return None
+
+
 def atomic_write(path: str | os.PathLike[str], write: Callable[[str], object]) -> None:
     """Call ``write(tmp_path)``, fsync, then rename over ``path``: readers never see a partial file."""
     dst = Path(path)

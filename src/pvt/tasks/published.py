@@ -118,20 +118,20 @@ def convert_whole_model(src: str, dst: str) -> str:
 def published_source(task: str, backbone: str, tag: bool | str, detector: str | None = None) -> Any:
     """The ``pvt weights`` row of a published detector / segmenter (``pvt.hub.WeightsSource``).
 
-    ``tag`` True (or the task's name, ``coco`` / ``ade20k``) picks the default file for
-    ``detector``; any other tag names its file, whatever its detector.
+    ``tag`` True (or the task's name, ``coco`` / ``ade20k``) picks the default file (for
+    ``detector`` when given); any other tag names a file (of ``detector`` when given).
     """
     from pvt.hub import get_source
 
     hub_task = HUB_TASK[task]
     arch = "semantic_fpn" if task == "segmentation" else detector
     default = tag is True or tag == hub_task
-    return get_source(backbone, None if default else str(tag), task=hub_task, arch=arch if default else None)
+    return get_source(backbone, None if default else str(tag), task=hub_task, arch=arch)
 
 
 def published_recipe(task: str, backbone: str, tag: bool | str, overrides: list[str]) -> dict[str, Any]:
     """The papers' recipe for a published whole model (``pvt predict detection --pretrained coco``)."""
-    detector = next((o.split("=", 1)[1] for o in overrides if o.startswith("model.detector=")), "retinanet")
+    detector = next((o.split("=", 1)[1] for o in overrides if o.startswith("model.detector=")), None)
     source = published_source(task, backbone, tag, detector)
     model: dict[str, Any] = {"name": backbone, "num_classes": source.num_classes}
     if task == "detection":

@@ -40,9 +40,7 @@ def make_state_dict(model: str = "pvt_tiny", seed: int = 0) -> dict[str, torch.T
             sd[name] = torch.rand(shape, generator=g) + 0.5
         elif leaf == "running_mean":
             sd[name] = normal(shape, 0.1)
-        elif "pos_embed" in leaf:
-            sd[name] = normal(shape, 0.02)
-        elif leaf == "bias":
+        elif "pos_embed" in leaf or leaf == "bias":
             sd[name] = normal(shape, 0.02)
         elif len(shape) == 1:  # LayerNorm / BatchNorm scale
             sd[name] = normal(shape, 0.1, 1.0)

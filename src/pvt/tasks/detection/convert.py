@@ -44,7 +44,14 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from pvt.checkpoint.io import FORMAT_NAME, FORMAT_VERSION, read_checkpoint, read_checkpoint_object, save_safetensors
+from pvt.checkpoint.io import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    openmmlab_class_names,
+    read_checkpoint,
+    read_checkpoint_object,
+    save_safetensors,
+)
 from pvt.checkpoint.layouts import CheckpointError, StateDict, detect_layout, strip_module_prefix, to_official, unwrap
 from pvt.checkpoint.loader import infer_arch
 from pvt.models.layers import EMBED_NORM_EPS, MMDET_EMBED_NORM_EPS
@@ -142,19 +149,6 @@ class DetectorCheckpoint:
         if self.class_names:
             meta["classes"] = json.dumps(self.class_names)
         return meta
-
-
-def _class_names(obj: Any) -> list[str] | None:
-    """``meta.dataset_meta.classes`` (mmdet 3.x) or ``meta.CLASSES`` (mmdet 2.x), if plain strings."""
-    meta = obj.get("meta") if isinstance(obj, Mapping) else None
-    if not isinstance(meta, Mapping):
-        return None
-    dataset_meta = meta.get("dataset_meta")
-    names = dataset_meta.get("classes") if isinstance(dataset_meta, Mapping) else None
-    names = names if names is not None else meta.get("CLASSES")
-    if isinstance(names, (list, tuple)) and names and all(isinstance(n, str) for n in names):
-        return list(names)
-    return None
 
 
 def _convert_backbone(sd: StateDict, source: str, report: ConversionReport) -> tuple[StateDict, str, str]:
@@ -353,7 +347,7 @@ def read_detector_checkpoint(path: str | os.PathLike[str]) -> DetectorCheckpoint
         return own_detector_checkpoint(sd, meta, str(p))
     if not any(k.startswith(("neck.", "bbox_head.", "rpn_head.", "roi_head.")) for k in sd):
         _refuse_backbone_only(sd, str(p))
-    return convert_mmdet_detector(sd, str(p), _class_names(obj))
+    return convert_mmdet_detector(sd, str(p), openmmlab_class_names(obj))
 
 
 def _refuse_backbone_only(sd: StateDict, source: str) -> None:

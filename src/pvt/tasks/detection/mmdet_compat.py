@@ -230,29 +230,40 @@ def boxes_to_original(boxes: Tensor, factors: tuple[float, float], how: str = "d
     raise ValueError(f"how={how!r}: expected 'divide' or 'inverse'")
 
 
-def mmdet_paste_masks(masks: Tensor, boxes: Tensor, img_hw: tuple[int, int]) -> Tensor:
-    """``_do_paste_mask(skip_empty=False)``: ``[N, 1, M, M]`` probabilities in ``boxes [N, 4]`` ->
-    ``[N, 1, H, W]`` probabilities on the whole image (fcn_mask_head.py:436-468).
+def mmdet_paste_masks(masks: Tensor, boxes: Tensor, img_hw: tuple[int, int], *, window: bool = True) -> Tensor:
+    """``_do_paste_mask``: ``[N, 1, M, M]`` probabilities in ``boxes [N, 4]`` -> ``[N, 1, H, W]``
+    probabilities on the whole image (fcn_mask_head.py:436-468).
 
     Pixel centres ``arange + 0.5`` normalised to ``(p - x0) / (x1 - x0) * 2 - 1``, then
-    ``grid_sample(align_corners=False)`` with zero padding. mmdet's CPU path computes only a
-    window of box +-1 px; outside it the pasted value is < 0.5, so thresholding agrees.
+    ``grid_sample(align_corners=False)`` with zero padding. ``window=True`` is mmdet's CPU path:
+    one mask at a time, only within its box +-1 px (memory ``O(box)``); outside it the pasted value
+    is < 0.5 anyway, so binarised masks equal the whole-image computation (``window=False``, the
+    GPU path) on every pixel.
     """
-    n = masks.shape[0]
     img_h, img_w = img_hw
-    if n == 0:
-        return masks.new_zeros((0, 1, img_h, img_w))
-    x0, y0, x1, y1 = torch.split(boxes, 1, dim=1)  # each [N, 1]
-    img_y = torch.arange(0, img_h, device=masks.device).to(torch.float32) + 0.5
-    img_x = torch.arange(0, img_w, device=masks.device).to(torch.float32) + 0.5
-    img_y = (img_y - y0) / (y1 - y0) * 2 - 1
-    img_x = (img_x - x0) / (x1 - x0) * 2 - 1
-    img_x = torch.where(torch.isinf(img_x), torch.zeros_like(img_x), img_x)
-    img_y = torch.where(torch.isinf(img_y), torch.zeros_like(img_y), img_y)
-    gx = img_x[:, None, :].expand(n, img_y.size(1), img_x.size(1))
-    gy = img_y[:, :, None].expand(n, img_y.size(1), img_x.size(1))
-    grid = torch.stack([gx, gy], dim=3)
-    return F.grid_sample(masks.to(torch.float32), grid, align_corners=False)
+    out = masks.new_zeros((masks.shape[0], 1, img_h, img_w), dtype=torch.float32)
+    for i in range(masks.shape[0]):
+        box = boxes[i : i + 1]
+        x0_int, y0_int, x1_int, y1_int = 0, 0, img_w, img_h
+        if window:
+            x0_int, y0_int = (box[0, :2].floor() - 1).clamp(min=0).to(torch.int32).tolist()
+            x1_int = int(box[0, 2].ceil().add(1).clamp(max=img_w))
+            y1_int = int(box[0, 3].ceil().add(1).clamp(max=img_h))
+            if x1_int <= x0_int or y1_int <= y0_int:
+                continue
+        x0, y0, x1, y1 = torch.split(box, 1, dim=1)  # each [1, 1]
+        img_y = torch.arange(y0_int, y1_int, device=box.device).to(torch.float32) + 0.5
+        img_x = torch.arange(x0_int, x1_int, device=box.device).to(torch.float32) + 0.5
+        img_y = (img_y - y0) / (y1 - y0) * 2 - 1  # [1, h]
+        img_x = (img_x - x0) / (x1 - x0) * 2 - 1  # [1, w]
+        img_x = torch.where(torch.isinf(img_x), torch.zeros_like(img_x), img_x)  # zero-width boxes
+        img_y = torch.where(torch.isinf(img_y), torch.zeros_like(img_y), img_y)
+        gx = img_x[:, None, :].expand(1, img_y.shape[1], img_x.shape[1])
+        gy = img_y[:, :, None].expand(1, img_y.shape[1], img_x.shape[1])
+        grid = torch.stack([gx, gy], dim=3)  # [1, h, w, 2]
+        pasted = F.grid_sample(masks[i : i + 1].to(torch.float32), grid, align_corners=False)
+        out[i, :, y0_int:y1_int, x0_int:x1_int] = pasted[0]
+    return out
 
 
 def _cv2_taps(src: int, dst: int) -> tuple[Tensor, Tensor, Tensor]:

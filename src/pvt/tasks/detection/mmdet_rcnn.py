@@ -15,9 +15,9 @@ here; the weights (and so the state-dict keys) stay torchvision's:
   class-specific decode with stds (0.1, 0.1, 0.2, 0.2) and clipping, ``score > score_thresh``, *no*
   small-box removal, mmcv ``batched_nms`` over labels, first ``detections_per_img``
   (bbox_head.py:526-561, bbox_nms.py:53-100).
-* :class:`MMDetRCNNTransform`: mmdet's preprocessing (from :class:`MMDetTransform`) and mmdet's
+* :class:`pvt.tasks.detection.mmdet_compat.MMDetTransform`: mmdet's preprocessing and
   post-processing: boxes divided by the resize scale, masks pasted by ``_do_paste_mask``
-  (fcn_mask_head.py:436-468) straight into the original image size.
+  (fcn_mask_head.py:436-468, its CPU path) straight into the original image size.
 
 The rest is the same in both already: FPN (P6 = ``max_pool2d(P5, 1, stride=2)``), RPN conv and
 channel order, the box MLP and the mask FCN. Fed mmdetection's own raw outputs, the RPN and RCNN
@@ -51,10 +51,8 @@ from pvt.checkpoint import CheckpointError
 from pvt.tasks.detection.mmdet_compat import (
     MMDetAnchorGenerator,
     MMDetTransform,
-    boxes_to_original,
     mmdet_batched_nms,
     mmdet_decode,
-    scale_factors,
 )
 
 RPN_STDS = (1.0, 1.0, 1.0, 1.0)
@@ -367,66 +365,6 @@ class MMDetRoIHeads(RoIHeads):
 # masks and the transform
 
 
-def paste_masks_mmdet(masks: Tensor, boxes: Tensor, height: int, width: int) -> Tensor:
-    """mmdet's ``_do_paste_mask`` (CPU path, one mask at a time within its box +-1 px).
-
-    ``masks`` ``[N, 1, M, M]`` probabilities, ``boxes`` ``[N, 4]`` in the output image ->
-    ``[N, 1, height, width]`` probabilities: pixel centres ``+0.5`` normalised to the box,
-    ``grid_sample(align_corners=False)`` with zero padding; 0 outside the window, where mmdet's
-    pasted value is below 0.5 anyway (so binarised masks agree on every device).
-    """
-    out = masks.new_zeros((masks.shape[0], 1, height, width), dtype=torch.float32)
-    for i in range(masks.shape[0]):
-        box = boxes[i : i + 1]
-        x0_int, y0_int = (box.min(dim=0).values.floor()[:2] - 1).clamp(min=0).to(torch.int32).tolist()
-        x1_int = int(box[:, 2].max().ceil().add(1).clamp(max=width).to(torch.int32))
-        y1_int = int(box[:, 3].max().ceil().add(1).clamp(max=height).to(torch.int32))
-        if x1_int <= x0_int or y1_int <= y0_int:
-            continue
-        x0, y0, x1, y1 = torch.split(box, 1, dim=1)  # each [1, 1]
-        img_y = torch.arange(y0_int, y1_int, device=box.device).to(torch.float32) + 0.5
-        img_x = torch.arange(x0_int, x1_int, device=box.device).to(torch.float32) + 0.5
-        img_y = (img_y - y0) / (y1 - y0) * 2 - 1  # [1, h]
-        img_x = (img_x - x0) / (x1 - x0) * 2 - 1  # [1, w]
-        img_x = torch.where(torch.isinf(img_x), torch.zeros_like(img_x), img_x)  # zero-width boxes
-        img_y = torch.where(torch.isinf(img_y), torch.zeros_like(img_y), img_y)
-        gx = img_x[:, None, :].expand(1, img_y.shape[1], img_x.shape[1])
-        gy = img_y[:, :, None].expand(1, img_y.shape[1], img_x.shape[1])
-        grid = torch.stack([gx, gy], dim=3)  # [1, h, w, 2]
-        pasted = F.grid_sample(masks[i : i + 1].to(torch.float32), grid, align_corners=False)
-        out[i, :, y0_int:y1_int, x0_int:x1_int] = pasted[0]
-    return out
-
-
-class MMDetRCNNTransform(MMDetTransform):
-    """:class:`MMDetTransform` whose mask pasting is mmdet's CPU path: one mask at a time within its
-    box +-1 px (the same values there; memory ``O(box)`` instead of ``O(N * H * W)`` for the grid).
-
-    Boxes go back to the original image by dividing by mmdet's scale factor (resized / original
-    side, per axis), as ``FCNMaskHead._predict_by_feat_single`` does in place; masks are pasted from
-    those boxes directly at the original size and binarised at ``>= mask_threshold`` (mmdet's
-    ``mask_thr_binary``): ``[N, 1, H, W]`` of 0.0 / 1.0, so any threshold in (0, 1) applied later
-    (torchvision users, this project's evaluator) keeps mmdet's masks.
-    """
-
-    def postprocess(
-        self,
-        result: list[dict[str, Tensor]],
-        image_shapes: list[tuple[int, int]],
-        original_image_sizes: list[tuple[int, int]],
-    ) -> list[dict[str, Tensor]]:
-        if self.training:
-            return result
-        for pred, size, orig in zip(result, image_shapes, original_image_sizes, strict=True):
-            factors = scale_factors(size, orig)
-            if factors != (1.0, 1.0):
-                pred["boxes"] = boxes_to_original(pred["boxes"], factors, "divide")
-            if "masks" in pred:
-                probs = paste_masks_mmdet(pred["masks"], pred["boxes"], int(orig[0]), int(orig[1]))
-                pred["masks"] = (probs >= self.mask_threshold).to(probs.dtype)
-        return result
-
-
 def rpn_anchor_generator(sizes: Sequence[Sequence[float]], ratios: Sequence[float]) -> MMDetAnchorGenerator:
     """mmdet's RPN anchors for one size per level on strides 4..64 (``scales=[8]`` for 32..512)."""
     if len(sizes) != len(RPN_STRIDES) or any(len(s) != 1 for s in sizes):
@@ -447,17 +385,15 @@ def to_mmdet_semantics(model: MaskRCNN) -> MaskRCNN:
     """
     model.rpn = MMDetRPN.from_torchvision(model.rpn, model.rpn.anchor_generator)
     model.roi_heads = MMDetRoIHeads.from_torchvision(model.roi_heads)
-    model.transform = MMDetRCNNTransform(model.transform.min_size, model.transform.max_size)
+    model.transform = MMDetTransform(model.transform.min_size, model.transform.max_size)
     return model
 
 
 __all__ = [
-    "MMDetRCNNTransform",
     "MMDetRPN",
     "MMDetRoIAlign",
     "MMDetRoIHeads",
     "convert_rcnn_heads",
-    "paste_masks_mmdet",
     "rpn_anchor_generator",
     "to_mmdet_semantics",
 ]

@@ -28,7 +28,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Sequence
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -46,6 +46,9 @@ from pvt.models import create_model, list_models
 from pvt.models.layers import EMBED_NORM_EPS
 from pvt.tasks.detection.mmdet_compat import MMDetAnchorGenerator, MMDetRetinaNet, MMDetTransform
 from pvt.tasks.detection.mmdet_rcnn import rpn_anchor_generator, to_mmdet_semantics
+
+if TYPE_CHECKING:
+    from pvt.tasks.detection.convert import DetectorCheckpoint
 
 RESNETS = ("resnet18", "resnet50", "resnet101")
 # mmdet's ImageNet normalisation in 0..1 units (the detectors' transform normalises).
@@ -190,6 +193,33 @@ def mmdet_anchor_sizes(
 SEMANTICS = ("torchvision", "mmdet")
 
 
+def _whole_detector(
+    detector: str,
+    backbone: str,
+    num_classes: int,
+    checkpoint: str | None,
+    pretrained: bool | str,
+    backbone_weights: bool,
+) -> DetectorCheckpoint | None:
+    """The whole-detector file a builder loads (``checkpoint=``, or the published one for
+    ``pretrained=``), read and checked against the requested detector, backbone and class count."""
+    if pretrained:
+        if checkpoint is not None:
+            raise ValueError("pass either checkpoint= or pretrained=, not both")
+        from pvt.tasks.published import published_checkpoint
+
+        checkpoint = published_checkpoint("detection", backbone, pretrained, detector)
+    if checkpoint is None:
+        return None
+    if backbone_weights:
+        raise ValueError("pass either a whole detector (checkpoint= / pretrained=) or backbone weights, not both")
+    from pvt.tasks.detection.convert import read_detector_checkpoint
+
+    ckpt = read_detector_checkpoint(checkpoint)
+    ckpt.check(detector, backbone, num_classes)
+    return ckpt
+
+
 def check_semantics(semantics: str) -> str:
     if semantics not in SEMANTICS:
         raise ValueError(f"semantics={semantics!r}: expected one of {SEMANTICS}")
@@ -201,6 +231,7 @@ def retinanet(
     num_classes: int = 80,
     *,
     checkpoint: str | None = None,
+    pretrained: bool | str = False,
     backbone_checkpoint: str | None = None,
     backbone_pretrained: bool | str = False,
     drop_path_rate: float = 0.1,
@@ -230,32 +261,11 @@ def retinanet(
     ``octave_base_scale`` sizes the mmdet anchors (``anchor_sizes`` is torchvision's form).
     Extra ``kwargs`` go to torchvision's ``RetinaNet`` (score thresholds, detections per image...).
     """
-    if checkpoint is not None:
-        from pvt.tasks.detection.convert import read_detector_checkpoint
-
-        if backbone_checkpoint is not None or backbone_pretrained:
-            raise ValueError("pass either checkpoint= (a whole detector) or backbone weights, not both")
-        ckpt = read_detector_checkpoint(checkpoint)
-        ckpt.check("retinanet", backbone, num_classes)
-        extra: dict[str, Any] = dict(kwargs)
-        model = retinanet(
-            backbone,
-            num_classes,
-            drop_path_rate=drop_path_rate,
-            freeze_stages=freeze_stages,
-            fpn_channels=fpn_channels,
-            anchor_sizes=anchor_sizes,
-            aspect_ratios=aspect_ratios,
-            min_size=min_size,
-            max_size=max_size,
-            head_norm=head_norm,
-            semantics=semantics or ckpt.semantics,
-            embed_norm_eps=ckpt.embed_norm_eps if embed_norm_eps is None else embed_norm_eps,
-            octave_base_scale=octave_base_scale,
-            **extra,
-        )
-        ckpt.load_into(model)
-        return model
+    backbone_weights = backbone_checkpoint is not None or bool(backbone_pretrained)
+    ckpt = _whole_detector("retinanet", backbone, num_classes, checkpoint, pretrained, backbone_weights)
+    if ckpt is not None:
+        semantics = semantics or ckpt.semantics
+        embed_norm_eps = ckpt.embed_norm_eps if embed_norm_eps is None else embed_norm_eps
     mmdet = check_semantics(semantics or "torchvision") == "mmdet"
     bb = backbone_fpn(
         backbone,
@@ -302,6 +312,9 @@ def retinanet(
     model.arch = f"retinanet_{backbone}"  # type: ignore[assignment]
     model.semantics = "mmdet" if mmdet else "torchvision"  # type: ignore[assignment]
     model.embed_norm_eps = EMBED_NORM_EPS if embed_norm_eps is None else embed_norm_eps  # type: ignore[assignment]
+    if ckpt is not None:
+        ckpt.load_into(model)
+        model.class_names = ckpt.class_names  # type: ignore[assignment]
     return model
 
 
@@ -310,6 +323,7 @@ def mask_rcnn(
     num_classes: int = 80,
     *,
     checkpoint: str | None = None,
+    pretrained: bool | str = False,
     backbone_checkpoint: str | None = None,
     backbone_pretrained: bool | str = False,
     drop_path_rate: float = 0.1,
@@ -338,31 +352,11 @@ def mask_rcnn(
     way. ``embed_norm_eps``: the PVT's patch-embedding / spatial-reduction LayerNorm eps (None: the
     checkpoint's, else the official 1e-5; mmdetection's PVT uses 1e-6).
     """
-    if checkpoint is not None:
-        from pvt.tasks.detection.convert import read_detector_checkpoint
-
-        if backbone_checkpoint is not None:
-            raise ValueError("pass either checkpoint= (a whole detector) or backbone_checkpoint=, not both")
-        ckpt = read_detector_checkpoint(checkpoint)
-        ckpt.check("mask_rcnn", backbone, num_classes)
-        rest: dict[str, Any] = dict(kwargs)
-        model = mask_rcnn(
-            backbone,
-            num_classes,
-            drop_path_rate=drop_path_rate,
-            freeze_stages=freeze_stages,
-            fpn_channels=fpn_channels,
-            anchor_sizes=anchor_sizes,
-            aspect_ratios=aspect_ratios,
-            min_size=min_size,
-            max_size=max_size,
-            head_width=head_width,
-            semantics=semantics or ckpt.semantics,
-            embed_norm_eps=ckpt.embed_norm_eps if embed_norm_eps is None else embed_norm_eps,
-            **rest,
-        )
-        ckpt.load_into(model)
-        return model
+    backbone_weights = backbone_checkpoint is not None or bool(backbone_pretrained)
+    ckpt = _whole_detector("mask_rcnn", backbone, num_classes, checkpoint, pretrained, backbone_weights)
+    if ckpt is not None:
+        semantics = semantics or ckpt.semantics
+        embed_norm_eps = ckpt.embed_norm_eps if embed_norm_eps is None else embed_norm_eps
     mmdet = check_semantics(semantics or "torchvision") == "mmdet"
     bb = backbone_fpn(
         backbone,
@@ -406,4 +400,7 @@ def mask_rcnn(
     model.arch = f"mask_rcnn_{backbone}"  # type: ignore[assignment]
     model.semantics = "mmdet" if mmdet else "torchvision"  # type: ignore[assignment]
     model.embed_norm_eps = EMBED_NORM_EPS if embed_norm_eps is None else embed_norm_eps  # type: ignore[assignment]
+    if ckpt is not None:
+        ckpt.load_into(model)
+        model.class_names = ckpt.class_names  # type: ignore[assignment]
     return model

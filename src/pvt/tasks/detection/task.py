@@ -17,6 +17,7 @@ from pvt.checkpoint.io import atomic_write, save_png
 from pvt.engine.config import ModelConfig, Recipe
 from pvt.engine.distributed import DistInfo, gather_objects
 from pvt.engine.task import Task
+from pvt.tasks.detection.coco import COCO_CATEGORY_IDS, COCO_CLASSES
 from pvt.tasks.detection.convert import read_detector_checkpoint
 from pvt.tasks.detection.data import CocoDetection, DetectionData, coco_paths, collate
 from pvt.tasks.detection.evaluate import STAT_NAMES, coco_evaluate, to_coco_results
@@ -119,7 +120,12 @@ class DetectionTask(Task):
         self._offset = 1 if self._masks else 0  # Mask R-CNN's label 0 is background
         # A whole detector (a run's model.safetensors, a converted or an mmdetection file): it must
         # be this recipe's detector, backbone and class count, and it brings its semantics and eps.
-        ckpt = read_detector_checkpoint(m.checkpoint) if m.checkpoint else None
+        checkpoint = m.checkpoint
+        if checkpoint is None and m.pretrained:  # --pretrained [TAG]: the published detector
+            from pvt.tasks.published import published_checkpoint
+
+            checkpoint = published_checkpoint("detection", m.name, m.pretrained, m.detector)
+        ckpt = read_detector_checkpoint(checkpoint) if checkpoint else None
         if ckpt is None:
             return build_detector(m)
         ckpt.check(m.detector, m.name, m.num_classes)
@@ -129,6 +135,7 @@ class DetectionTask(Task):
             embed_norm_eps=ckpt.embed_norm_eps if m.embed_norm_eps is None else m.embed_norm_eps,
         )
         ckpt.load_into(model)
+        model.class_names = ckpt.class_names  # type: ignore[assignment]
         return model
 
     def build_datasets(self, recipe: Recipe, *, train: bool = True) -> tuple[Dataset[Any] | None, Dataset[Any]]:
@@ -207,8 +214,11 @@ class DetectionTask(Task):
 
         from pvt.datasets.files import expand_inputs
 
-        classes = artifacts.get("classes") or []
+        classes = artifacts.get("classes") or getattr(model, "class_names", None) or []
         cat_ids = artifacts.get("category_ids") or list(range(1, recipe.model.num_classes + 1))
+        if not artifacts and recipe.model.num_classes == 80 and recipe.data.dataset == "coco":
+            # A published COCO detector (no training run beside it): COCO's own names and ids.
+            classes, cat_ids = classes or list(COCO_CLASSES), list(COCO_CATEGORY_IDS)
         detector = getattr(recipe.model, "detector", "")
         offset = int(artifacts.get("label_offset", 1 if detector == "mask_rcnn" else 0))
         label_to_cat = {i + offset: c for i, c in enumerate(cat_ids)}

@@ -26,11 +26,8 @@ from torch import Tensor, nn
 
 from pvt.checkpoint import CheckpointError, LoadReport, detect_layout, infer_arch, load_checkpoint, to_official
 from pvt.checkpoint.layouts import strip_module_prefix, unwrap
-from pvt.models.layers import EMBED_NORM_EPS
+from pvt.models.layers import EMBED_NORM_EPS, MMDET_EMBED_NORM_EPS
 
-# mmdet / mmseg build their own PVT with LayerNorm eps 1e-6 in the patch-embedding and
-# spatial-reduction norms; the official code (the authors' releases) uses torch's 1e-5 there.
-MM_EMBED_NORM_EPS = 1e-6
 _IGNORED_PREFIXES = {"auxiliary_head.": "auxiliary head (training-only loss branch)"}
 _NECK = re.compile(r"^neck\.(lateral_convs|fpn_convs)\.(\d+)\.conv\.(weight|bias)$")
 _HEAD = re.compile(r"^decode_head\.scale_heads\.(\d+)\.(\d+)\.(conv|bn)\.(\w+)$")
@@ -108,7 +105,8 @@ def convert_semantic_fpn(
     num_classes = int(out["head.classifier.weight"].shape[0])
     if class_names is not None and len(class_names) != num_classes:
         class_names = None  # a meta that does not describe this head is not trusted
-    eps = MM_EMBED_NORM_EPS if layout == "mmdet" else EMBED_NORM_EPS
+    # mmdet / mmseg's own PVT uses eps 1e-6 in the patch-embedding and SR norms; the official 1e-5.
+    eps = MMDET_EMBED_NORM_EPS if layout == "mmdet" else EMBED_NORM_EPS
     return SegmenterCheckpoint(source, arch, layout, num_classes, eps, out, class_names, ignored)
 
 
@@ -138,21 +136,10 @@ def load_semantic_fpn(model: nn.Module, ckpt: SegmenterCheckpoint) -> LoadReport
     return report
 
 
-def _meta_class_names(obj: object) -> list[str] | None:
-    """Class names an mmcv (``meta.CLASSES``) or mmengine (``meta.dataset_meta.classes``) file records."""
-    meta = obj.get("meta") if isinstance(obj, Mapping) else None
-    if not isinstance(meta, Mapping):
-        return None
-    classes = meta.get("CLASSES")
-    if classes is None and isinstance(meta.get("dataset_meta"), Mapping):
-        classes = meta["dataset_meta"].get("classes")
-    return [str(c) for c in classes] if isinstance(classes, list | tuple) else None
-
-
 def read_whole_segmenter(path: str) -> SegmenterCheckpoint:
     """A whole Semantic FPN file (``weights_only=True``): the authors' / mmseg's layout, converted,
     or this project's own (a run's ``model.safetensors`` or ``pvt convert``'s output)."""
-    from pvt.checkpoint.io import FORMAT_NAME, read_checkpoint, read_checkpoint_object
+    from pvt.checkpoint.io import FORMAT_NAME, openmmlab_class_names, read_checkpoint, read_checkpoint_object
 
     meta: dict[str, str] = {}
     if str(path).endswith(".safetensors"):
@@ -161,7 +148,7 @@ def read_whole_segmenter(path: str) -> SegmenterCheckpoint:
     else:
         obj = read_checkpoint_object(path)
         sd, _ = strip_module_prefix(unwrap(obj, str(path)))
-        names = _meta_class_names(obj)
+        names = openmmlab_class_names(obj)
     if is_mmseg_layout(sd):
         return convert_semantic_fpn(sd, str(path), names)
     if "head.classifier.weight" not in sd or not any(k.startswith("backbone.body.") for k in sd):
