@@ -37,6 +37,10 @@ def test_short_training_run_eval_and_predict(
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert {"bbox_ap75", "bbox_ar100", "bbox_ap/circle"} <= set(records[-1])
     assert json.loads((run / "task.json").read_text())["classes"] == ["circle", "square", "triangle", "star"]
+    from pvt.checkpoint import read_checkpoint
+
+    _, header = read_checkpoint(run / "model.safetensors")  # what rebuilding the detector needs
+    assert header["semantics"] == "torchvision" and float(header["embed_norm_eps"]) == 1e-5
 
     capsys.readouterr()
     assert cli_main(["eval", "detection", "--checkpoint", str(run / "model.safetensors")]) == 0

@@ -374,7 +374,9 @@ class Trainer:
             return
         arch = getattr(self.model, "arch", None)
         final_model = self.ema.module if self.ema is not None else self.model
-        save_safetensors(final_model.state_dict(), self.run_dir / "model.safetensors", arch=arch)
+        # A model may name what rebuilding it needs beyond its tensors (a detector's semantics).
+        extra = getattr(self.model, "checkpoint_metadata", None)
+        save_safetensors(final_model.state_dict(), self.run_dir / "model.safetensors", arch=arch, metadata=extra)
         final = {k: round(float(metrics[k]), 4) for k in self.task.headline if k in metrics}
         final_json: dict[str, Any] = {**final, "iterations": self.schedule.iteration, "task": self.task.name}
         text = json.dumps(final_json, indent=2) + "\n"

@@ -312,6 +312,8 @@ def retinanet(
     model.arch = f"retinanet_{backbone}"  # type: ignore[assignment]
     model.semantics = "mmdet" if mmdet else "torchvision"  # type: ignore[assignment]
     model.embed_norm_eps = EMBED_NORM_EPS if embed_norm_eps is None else embed_norm_eps  # type: ignore[assignment]
+    # Kept in the header of the weights a training run writes, so the file rebuilds the same model.
+    model.checkpoint_metadata = {"semantics": model.semantics, "embed_norm_eps": repr(model.embed_norm_eps)}  # type: ignore[assignment]
     if ckpt is not None:
         ckpt.load_into(model)
         model.class_names = ckpt.class_names  # type: ignore[assignment]
@@ -400,6 +402,8 @@ def mask_rcnn(
     model.arch = f"mask_rcnn_{backbone}"  # type: ignore[assignment]
     model.semantics = "mmdet" if mmdet else "torchvision"  # type: ignore[assignment]
     model.embed_norm_eps = EMBED_NORM_EPS if embed_norm_eps is None else embed_norm_eps  # type: ignore[assignment]
+    # Kept in the header of the weights a training run writes, so the file rebuilds the same model.
+    model.checkpoint_metadata = {"semantics": model.semantics, "embed_norm_eps": repr(model.embed_norm_eps)}  # type: ignore[assignment]
     if ckpt is not None:
         ckpt.load_into(model)
         model.class_names = ckpt.class_names  # type: ignore[assignment]
