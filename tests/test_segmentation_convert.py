@@ -111,3 +111,17 @@ def test_cli_convert_predict_and_pretrained(mmseg_file: Path, tmp_path: Path, mo
     expected.write_bytes(mmseg_file.read_bytes())
     assert main(["predict", "segmentation", "--pretrained", "--model", "pvt_tiny", str(image)]) == 0
     assert capsys.readouterr().out == from_file
+
+
+def test_test_time_resize_is_the_authors_align_resize() -> None:
+    """The evaluation resize equals the authors' AlignResize as mmcv computes it (two OpenCV
+    bilinear resizes of the uint8 image; reference from reference/mmseg/make_align_resize.py)."""
+    from pvt.tasks.segmentation.inference import align_resize
+
+    ref = torch.load(REF / "align_resize.pt", weights_only=True)
+    for case in ref["cases"]:
+        image = torch.from_numpy(make_image(*case["size"], seed=case["image_seed"])).permute(2, 0, 1).float() / 255
+        x = align_resize(image, (2048, 512))[0] * 255
+        assert tuple(x.shape) == case["shape"]
+        got = x.flatten()[case["index"].long()].round().to(torch.uint8)
+        assert torch.equal(got, case["values"]), case["size"]

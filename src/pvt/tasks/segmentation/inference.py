@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pvt.tasks.detection.mmdet_compat import cv2_resize_linear_u8
 from pvt.tasks.segmentation.data import eval_size
 
 
@@ -32,6 +33,35 @@ def slide_logits(model: nn.Module, x: Tensor, crop: tuple[int, int], stride: tup
     return total / count
 
 
+def _eight_bit(image: Tensor) -> Tensor | None:
+    """``[3, H, W]`` 0..1 image -> its 0..255 integer values when it came from an 8-bit file."""
+    x = image.float() * 255
+    r = x.round()
+    return r if bool(((x - r).abs() <= 1e-3).all()) else None
+
+
+def align_resize(image: Tensor, scale: tuple[int, int], ratio: float = 1.0, align: int = 32) -> Tensor:
+    """mmseg 0.13's ``AlignResize`` (the authors' test pipeline): ``[3, H, W]`` in 0..1 ->
+    ``[1, 3, h, w]`` in 0..1, rescaled keeping the ratio into ``scale x ratio``, then resized again
+    so that both sides are multiples of ``align``.
+
+    An 8-bit image takes mmcv's path exactly: two OpenCV bilinear resizes of the uint8 image
+    (``imrescale``, then ``imresize`` to the aligned size; ``cv2_resize_linear_u8``). Other images
+    are resized once, bilinearly, to the aligned size.
+    """
+    H, W = image.shape[-2:]
+    f = min(scale[0] * ratio / max(H, W), scale[1] * ratio / min(H, W))
+    rescaled = (int(H * f + 0.5), int(W * f + 0.5))
+    aligned = eval_size(H, W, scale, ratio, align)
+    u8 = _eight_bit(image)
+    if u8 is None:
+        return F.interpolate(image[None].float(), size=aligned, mode="bilinear", align_corners=False)
+    for size in (rescaled, aligned):
+        if tuple(u8.shape[-2:]) != size:
+            u8 = cv2_resize_linear_u8(u8, size)
+    return (u8 / 255)[None]
+
+
 def infer(
     model: nn.Module,
     image: Tensor,
@@ -46,7 +76,7 @@ def infer(
 ) -> Tensor:
     """Class probabilities ``[C, H, W]`` at the image's own size for ``image [3, H, W]`` in 0..1.
 
-    Each (ratio, flip) view is resized with :func:`eval_size`, run whole or in windows, resized
+    Each (ratio, flip) view is resized with :func:`align_resize`, run whole or in windows, resized
     back, soft-maxed and averaged, as mmseg's test-time augmentation.
     """
     if mode not in ("whole", "slide"):
@@ -55,8 +85,7 @@ def infer(
     probs: Tensor | None = None
     views = 0
     for ratio in ratios:
-        size = eval_size(H, W, scale, ratio, align)
-        x = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)
+        x = align_resize(image, scale, ratio, align)
         for flipped in (False, True) if flip else (False,):
             view = x.flip(-1) if flipped else x
             logits = model(view) if mode == "whole" else slide_logits(model, view, crop, stride)
