@@ -328,3 +328,11 @@ def test_openmmlab_meta_is_read_without_running_it(tmp_path: Path, capsys, monke
     with pytest.raises(CheckpointError, match=r"hostile\.pth.*weights_only=True"):
         pvt.create_model("pvt_v2_b0", checkpoint=hostile)
     assert "executed" not in capsys.readouterr().out
+
+
+def test_whole_model_of_another_shape_is_a_checkpoint_error() -> None:
+    from pvt.checkpoint.loader import load_whole_model
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3))
+    with pytest.raises(CheckpointError, match=r"not a tiny head.*1 of another shape.*0\.weight \[3, 5\] vs \[3, 4\]"):
+        load_whole_model(model, {"0.weight": torch.zeros(3, 5), "0.bias": torch.zeros(3)}, "a tiny head")

@@ -46,6 +46,11 @@ def test_short_training_run_eval_and_predict(
     assert cli_main(["eval", "detection", "--checkpoint", str(run / "model.safetensors")]) == 0
     evaluated = json.loads(capsys.readouterr().out)
     assert evaluated["bbox_ap"] == pytest.approx(final["bbox_ap"], abs=1e-3)
+    converted = tmp_path / "elsewhere" / "detector.safetensors"  # carries the run's config.yaml as its recipe
+    assert cli_main(["convert", str(run / "model.safetensors"), str(converted)]) == 0
+    assert "with its recipe" in capsys.readouterr().out
+    assert cli_main(["eval", "detection", "--checkpoint", str(converted)]) == 0
+    assert json.loads(capsys.readouterr().out)["bbox_ap"] == pytest.approx(final["bbox_ap"], abs=1e-3)
 
     image = next(cache.rglob("val2017/000000.png"))
     out = tmp_path / "pred"

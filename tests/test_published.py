@@ -70,3 +70,22 @@ def test_convert_predict_and_pretrained_detector(mmdet_file: Path, tmp_path: Pat
     model = retinanet("pvt_v2_b0", pretrained="coco-official")  # the same file from Python
     assert model.semantics == "mmdet" and model.embed_norm_eps == 1e-6  # mmdetection's own PVT
     assert model.class_names == [f"c{i}" for i in range(80)]
+
+
+def test_train_pretrained_means_the_imagenet_backbone_for_dense_tasks() -> None:
+    from pvt.cli import _recipe, build_parser
+
+    args = build_parser().parse_args(["train", "detection", "--output", "x", "--pretrained", "--model", "pvt_v2_b0"])
+    _, recipe = _recipe(args, "detection", None)
+    assert recipe.model.backbone_pretrained is True and recipe.model.pretrained is False
+    args = build_parser().parse_args(["eval", "detection", "--pretrained", "coco", "--model", "pvt_v2_b2"])
+    _, recipe = _recipe(args, "detection", None)
+    assert recipe.model.pretrained == "coco" and recipe.model.semantics == "mmdet"  # the papers' recipe
+
+
+def test_a_semantics_other_than_the_files_warns(mmdet_file: Path) -> None:
+    from pvt.detection import retinanet
+
+    with pytest.warns(UserWarning, match=r"retinanet_pvtv2_b0\.pth: built with semantics='torchvision'.*'mmdet'"):
+        model = retinanet("pvt_v2_b0", checkpoint=str(mmdet_file), semantics="torchvision")
+    assert model.semantics == "torchvision"

@@ -4,6 +4,7 @@ its make_reference.py from the same seeded weights)."""
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -101,7 +102,11 @@ def test_cli_convert_predict_and_pretrained(mmseg_file: Path, tmp_path: Path, mo
     assert "with its recipe" in capsys.readouterr().out
     assert main(["predict", "segmentation", "--checkpoint", str(dst), str(image)]) == 0
     from_file = capsys.readouterr().out
-    assert "class" in from_file  # the authors' class names (from the file's meta) name the shares
+    shares = json.loads(from_file)["classes"]
+    assert shares and set(shares) <= set(CLASSES)  # the authors' class names (from the file's meta)
+    again = tmp_path / "again.safetensors"  # this project's own file converts too, with no recipe
+    assert main(["convert", str(dst), str(again)]) == 0
+    assert "no recipe" in capsys.readouterr().out
 
     assert main(["predict", "segmentation", "--pretrained", "--model", "pvt_tiny", str(image)]) == 2
     err = capsys.readouterr().err

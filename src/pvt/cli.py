@@ -88,7 +88,7 @@ def _recipe(args: argparse.Namespace, task_name: str, default_preset: str | None
         # A converted whole model carries its recipe; a published one gets the papers' recipe.
         if ckpt:
             preset = recipe_of(ckpt) or preset
-        elif pretrained is not None:
+        elif pretrained is not None and args.command != "train":
             model = getattr(args, "model", None) or "pvt_small"
             preset = published_recipe(task_name, model, pretrained, getattr(args, "set", None) or [])
     overrides = list(args.set or [])
@@ -101,7 +101,11 @@ def _recipe(args: argparse.Namespace, task_name: str, default_preset: str | None
         # A run's config.yaml may say it started from published weights; these weights replace them.
         overrides.append("model.pretrained=false")
     if pretrained is not None:
-        overrides.append(f"model.pretrained={'true' if pretrained is True else pretrained}")
+        # Training a detector / segmenter starts from the published ImageNet backbone; evaluating
+        # or predicting means the published whole model.
+        dense_start = args.command == "train" and task_name in HUB_TASK
+        key = "model.backbone_pretrained" if dense_start else "model.pretrained"
+        overrides.append(f"{key}={'true' if pretrained is True else pretrained}")
     return task, load_recipe(task_name, task.data_config, preset, overrides, model_cls=task.model_config)
 
 
@@ -224,10 +228,12 @@ def _tag(value: str) -> bool | str:
 
 def _untangle_pretrained(argv: list[str]) -> list[str]:
     """``--pretrained photo.jpg``: argparse would take the image for the optional TAG. Tags hold
-    no "." or "/", so such a value stays an input and the default weights are meant."""
+    no "." or "/" and name no existing file or folder, so such a value stays an input and the
+    default weights are meant."""
     out = list(argv)
     for i, arg in enumerate(out[:-1]):
-        if arg == "--pretrained" and ("." in out[i + 1] or "/" in out[i + 1]):
+        value = out[i + 1]
+        if arg == "--pretrained" and ("." in value or "/" in value or Path(value).exists()):
             out[i] = "--pretrained=default"
     return out
 
@@ -261,7 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_recipe_args(p)
     p.add_argument("--output", required=True, help="run directory")
     p.add_argument("--checkpoint", help="start from these weights (sets model.checkpoint; fine-tuning)")
-    _add_pretrained_arg(p, "start from published ImageNet weights (sets model.pretrained; fine-tuning)")
+    _add_pretrained_arg(
+        p, "start from published ImageNet weights (classification: model.pretrained; dense tasks: the backbone's)"
+    )
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output")
     p.set_defaults(func=_cmd_train)
 

@@ -240,9 +240,17 @@ def load_whole_model(model: nn.Module, source: str | os.PathLike[str] | Mapping[
         sd, name = dict(source), "state dict"
     else:
         sd, name = read_checkpoint(source)[0], str(source)
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    if missing or unexpected:
+    target = model.state_dict()
+    shapes = [
+        f"{k} {list(v.shape)} vs {list(target[k].shape)}"
+        for k, v in sd.items()
+        if k in target and v.shape != target[k].shape
+    ]
+    missing = [k for k in target if k not in sd]
+    unexpected = [k for k in sd if k not in target]
+    if missing or unexpected or shapes:
         raise CheckpointError(
-            f"{name}: not {what} ({len(missing)} missing, {len(unexpected)} unexpected tensors, e.g. "
-            f"{(missing or unexpected)[:3]}); for backbone weights use model.backbone_checkpoint"
+            f"{name}: not {what} ({len(missing)} missing, {len(unexpected)} unexpected, {len(shapes)} of another "
+            f"shape, e.g. {(missing or unexpected or shapes)[:3]}); for backbone weights use model.backbone_checkpoint"
         )
+    model.load_state_dict(sd)

@@ -13,6 +13,7 @@ Nothing here touches the network; ``pvt.hub.download`` fetches a row's file.
 from __future__ import annotations
 
 import fnmatch
+import os
 from dataclasses import dataclass
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -73,9 +74,10 @@ class WeightsSource:
 
     @property
     def url(self) -> str:
-        """Where the file is fetched from (hf: the ``resolve/main`` URL on the default endpoint)."""
+        """Where the file is fetched from (hf: the ``resolve/main`` URL on ``HF_ENDPOINT``'s host)."""
         if self.host == "hf":
-            return f"https://huggingface.co/{self.location}/resolve/main/{self.filename}"
+            endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+            return f"{endpoint}/{self.location}/resolve/main/{self.filename}"
         return self.location
 
     def metric_text(self) -> str:

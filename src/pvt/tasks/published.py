@@ -89,8 +89,14 @@ def recipe_of(path: str | os.PathLike[str]) -> dict[str, Any] | None:
 
 def convert_whole_model(src: str, dst: str) -> str:
     """Convert a whole detector / segmenter file (mmdetection, mmsegmentation, the authors' or this
-    project's) into this project's safetensors with its recipe; returns a report for people."""
-    from pvt.checkpoint.io import read_checkpoint
+    project's) into this project's safetensors with its recipe; returns a report for people.
+
+    The recipe: the papers' preset for a published file (mmdetection's or the authors' models are
+    those recipes), a run's own ``config.yaml`` for a file that lies beside one, and none for a
+    file of this project's without it (no recipe is better than one that does not fit).
+    """
+    from pvt.checkpoint.io import FORMAT_NAME, read_checkpoint
+    from pvt.engine.config import read_yaml
 
     task = whole_model_task(src)
     if task == "detection":
@@ -99,20 +105,27 @@ def convert_whole_model(src: str, dst: str) -> str:
         det = convert_detector(src, dst)
         model = {"name": det.backbone, "detector": det.detector, "num_classes": det.num_classes}
         model["semantics"] = det.semantics
-        report = str(det.report)
+        own, report = det.source_format == FORMAT_NAME, str(det.report)
     elif task == "segmentation":
         from pvt.tasks.segmentation.convert import convert_segmenter
 
         seg, load_report = convert_segmenter(src, dst)
         model = {"name": seg.backbone, "num_classes": seg.num_classes}
-        report = str(load_report)
+        own, report = seg.backbone_layout == FORMAT_NAME, str(load_report or f"{src}: {len(seg.state_dict)} tensors")
     else:
         raise CheckpointError(f"{src}: not a whole detector or segmenter")
+    run_config = Path(src).parent / "config.yaml"
+    recipe = (read_yaml(run_config) if run_config.is_file() else None) if own else paper_recipe(task, model)
     # Re-write the header with the recipe; the tensors are the ones just written and load-checked.
     sd, meta = read_checkpoint(dst)
-    meta = {**meta, "task": task, RECIPE_KEY: json.dumps(paper_recipe(task, model))}
+    meta = {**meta, "task": task}
+    if recipe is not None:
+        meta[RECIPE_KEY] = json.dumps(recipe)
     save_safetensors(sd, dst, metadata=meta)
-    return f"{report}\nwrote {dst} ({task}: {model['name']}, {model['num_classes']} classes, with its recipe)"
+    carried = (
+        "with its recipe" if recipe is not None else f"no recipe: pass --preset when using it ({run_config} not found)"
+    )
+    return f"{report}\nwrote {dst} ({task}: {model['name']}, {model['num_classes']} classes, {carried})"
 
 
 def published_source(task: str, backbone: str, tag: bool | str, detector: str | None = None) -> Any:

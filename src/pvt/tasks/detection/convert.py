@@ -37,6 +37,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,7 +57,6 @@ from pvt.checkpoint.layouts import CheckpointError, StateDict, detect_layout, st
 from pvt.checkpoint.loader import infer_arch
 from pvt.models.layers import EMBED_NORM_EPS, MMDET_EMBED_NORM_EPS
 
-DETECTORS = ("retinanet", "mask_rcnn")
 # Backbone tensors an ImageNet classifier has and a detection backbone does not.
 _CLASSIFIER_ONLY = re.compile(r"^(head\.|cls_token$|norm\.(weight|bias)$)")
 _NECK = re.compile(r"^neck\.(lateral_convs|fpn_convs)\.(\d+)\.conv\.(weight|bias)$")
@@ -111,6 +111,18 @@ class DetectorCheckpoint:
                 f"was requested; pass num_classes={self.num_classes} (to fine-tune on other classes, load "
                 "its backbone with backbone_checkpoint= instead)"
             )
+
+    def settings(self, semantics: str | None, embed_norm_eps: float | None) -> tuple[str, float]:
+        """(semantics, eps) to build this file's detector with: the caller's where given, else the
+        file's. A caller's semantics that differ from the file's are used, with a warning: the
+        weights load either way, but the test-time arithmetic is not the one they were made with."""
+        if semantics is not None and semantics != self.semantics:
+            warnings.warn(
+                f"{self.source}: built with semantics={semantics!r}, but the file's detector computes with "
+                f"{self.semantics!r} (set model.semantics={self.semantics} / semantics={self.semantics!r} for that)",
+                stacklevel=3,
+            )
+        return semantics or self.semantics, self.embed_norm_eps if embed_norm_eps is None else embed_norm_eps
 
     def load_into(self, model: nn.Module) -> None:
         """Load every tensor into ``model`` exactly (same keys, same shapes) or raise naming the file."""
@@ -372,7 +384,6 @@ def convert_detector(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -
 
 
 __all__ = [
-    "DETECTORS",
     "ConversionReport",
     "DetectorCheckpoint",
     "convert_detector",

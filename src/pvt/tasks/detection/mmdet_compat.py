@@ -280,6 +280,15 @@ def _fixed(w: Tensor) -> Tensor:
     return torch.round(w * 2048).to(torch.int64)
 
 
+def eight_bit_values(image: Tensor) -> Tensor | None:
+    """A 0..1 float image -> its 0..255 values as exact integers (float32) when it came from an
+    8-bit file (every value within 1e-3 of an integer step; ``to_dtype(scale=True)`` is not
+    exactly invertible), else None."""
+    x = image.to(torch.float32) * 255
+    r = x.round()
+    return r if bool(((x - r).abs() <= 1e-3).all()) else None
+
+
 def cv2_resize_linear_u8(image: Tensor, size: tuple[int, int]) -> Tensor:
     """``cv2.resize(uint8, INTER_LINEAR)`` bit-exactly: 0..255 integral ``[C, H, W]`` -> float32
     ``[C, h, w]`` of integers (what mmcv's ``imrescale`` gives mmdet's pipeline).
@@ -348,11 +357,8 @@ class MMDetTransform(GeneralizedRCNNTransform):
         """``[3, H, W]`` uint8 or 0..1 float -> float32 0..255 (8-bit inputs exactly integer)."""
         if not image.is_floating_point():
             return image.to(torch.float32)
-        x = image.to(torch.float32) * 255
-        r = x.round()
-        if bool(((x - r).abs() <= 1e-3).all()):
-            return r
-        return x
+        u8 = eight_bit_values(image)
+        return image.to(torch.float32) * 255 if u8 is None else u8
 
     def normalize(self, image: Tensor) -> Tensor:
         """0-255 ``[3, H, W]`` -> ``(x - mean) / std`` (DetDataPreprocessor)."""
@@ -514,6 +520,7 @@ __all__ = [
     "MMDetTransform",
     "boxes_to_original",
     "cv2_resize_linear_u8",
+    "eight_bit_values",
     "mmdet_batched_nms",
     "mmdet_decode",
     "mmdet_nms",

@@ -264,8 +264,7 @@ def retinanet(
     backbone_weights = backbone_checkpoint is not None or bool(backbone_pretrained)
     ckpt = _whole_detector("retinanet", backbone, num_classes, checkpoint, pretrained, backbone_weights)
     if ckpt is not None:
-        semantics = semantics or ckpt.semantics
-        embed_norm_eps = ckpt.embed_norm_eps if embed_norm_eps is None else embed_norm_eps
+        semantics, embed_norm_eps = ckpt.settings(semantics, embed_norm_eps)
     mmdet = check_semantics(semantics or "torchvision") == "mmdet"
     bb = backbone_fpn(
         backbone,
@@ -288,7 +287,10 @@ def retinanet(
             (8, 16, 32, 64, 128), aspect_ratios, octave_base_scale=octave_base_scale, scales_per_octave=3
         )
     else:
-        sizes = tuple(tuple(s) for s in anchor_sizes) if anchor_sizes else mmdet_anchor_sizes((8, 16, 32, 64, 128))
+        strides = (8, 16, 32, 64, 128)
+        sizes = (
+            tuple(tuple(s) for s in anchor_sizes) if anchor_sizes else mmdet_anchor_sizes(strides, octave_base_scale)
+        )
         anchors = AnchorGenerator(sizes, (tuple(aspect_ratios),) * len(sizes))
     # GroupNorm in the head (torchvision's RetinaNet v2) trains much faster from scratch; the
     # papers' head has none, so it is off by default.
@@ -357,8 +359,7 @@ def mask_rcnn(
     backbone_weights = backbone_checkpoint is not None or bool(backbone_pretrained)
     ckpt = _whole_detector("mask_rcnn", backbone, num_classes, checkpoint, pretrained, backbone_weights)
     if ckpt is not None:
-        semantics = semantics or ckpt.semantics
-        embed_norm_eps = ckpt.embed_norm_eps if embed_norm_eps is None else embed_norm_eps
+        semantics, embed_norm_eps = ckpt.settings(semantics, embed_norm_eps)
     mmdet = check_semantics(semantics or "torchvision") == "mmdet"
     bb = backbone_fpn(
         backbone,

@@ -18,10 +18,9 @@ from pvt.engine.config import ModelConfig, Recipe
 from pvt.engine.distributed import DistInfo, gather_objects
 from pvt.engine.task import Task
 from pvt.tasks.detection.coco import COCO_CATEGORY_IDS, COCO_CLASSES
-from pvt.tasks.detection.convert import read_detector_checkpoint
 from pvt.tasks.detection.data import CocoDetection, DetectionData, coco_paths, collate
 from pvt.tasks.detection.evaluate import STAT_NAMES, coco_evaluate, to_coco_results
-from pvt.tasks.detection.models import mask_rcnn, mmdet_anchor_sizes, retinanet
+from pvt.tasks.detection.models import mask_rcnn, retinanet
 
 
 @dataclass
@@ -52,18 +51,19 @@ class DetectionModel(ModelConfig):
     embed_norm_eps: float | None = None  # PVT patch-embed / SR LayerNorm eps; None: checkpoint's, else 1e-5
 
 
-def build_detector(
-    m: DetectionModel, *, semantics: str | None = None, embed_norm_eps: float | None = None
-) -> nn.Module:
-    """The recipe's detector, untrained. ``semantics`` / ``embed_norm_eps`` override the recipe's
-    (the task passes a checkpoint's when the recipe leaves them unset)."""
-    semantics = semantics or m.semantics or "torchvision"
+def build_detector(m: DetectionModel) -> nn.Module:
+    """The recipe's detector: untrained, or the whole detector of ``model.checkpoint`` /
+    ``model.pretrained`` (which must be this recipe's detector, backbone and class count, and
+    brings its semantics and eps where the recipe leaves them unset)."""
+    whole = m.checkpoint is not None or bool(m.pretrained)
     common: dict[str, Any] = dict(
-        semantics=semantics,
-        embed_norm_eps=m.embed_norm_eps if embed_norm_eps is None else embed_norm_eps,
         num_classes=m.num_classes,
-        backbone_checkpoint=m.backbone_checkpoint,
-        backbone_pretrained=False if m.checkpoint else m.backbone_pretrained,  # a whole detector replaces it
+        checkpoint=m.checkpoint,
+        pretrained=False if m.checkpoint else m.pretrained,
+        semantics=m.semantics,
+        embed_norm_eps=m.embed_norm_eps,
+        backbone_checkpoint=None if whole else m.backbone_checkpoint,
+        backbone_pretrained=False if whole else m.backbone_pretrained,  # a whole detector replaces them
         drop_path_rate=m.drop_path_rate,
         freeze_stages=m.freeze_stages,
         fpn_channels=m.fpn_channels,
@@ -71,12 +71,9 @@ def build_detector(
         max_size=m.max_size,
     )
     if m.detector == "retinanet":
-        if semantics == "mmdet":  # mmdet's generator takes the octave base itself
-            common["octave_base_scale"] = m.anchor_base
-        else:
-            common["anchor_sizes"] = mmdet_anchor_sizes((8, 16, 32, 64, 128), octave_base=m.anchor_base)
         return retinanet(
             m.name,
+            octave_base_scale=m.anchor_base,
             head_norm=m.head_norm,
             score_thresh=m.score_thresh,
             detections_per_img=m.detections_per_img,
@@ -118,25 +115,7 @@ class DetectionTask(Task):
         assert isinstance(m, DetectionModel)
         self._masks = m.detector == "mask_rcnn"
         self._offset = 1 if self._masks else 0  # Mask R-CNN's label 0 is background
-        # A whole detector (a run's model.safetensors, a converted or an mmdetection file): it must
-        # be this recipe's detector, backbone and class count, and it brings its semantics and eps.
-        checkpoint = m.checkpoint
-        if checkpoint is None and m.pretrained:  # --pretrained [TAG]: the published detector
-            from pvt.tasks.published import published_checkpoint
-
-            checkpoint = published_checkpoint("detection", m.name, m.pretrained, m.detector)
-        ckpt = read_detector_checkpoint(checkpoint) if checkpoint else None
-        if ckpt is None:
-            return build_detector(m)
-        ckpt.check(m.detector, m.name, m.num_classes)
-        model = build_detector(
-            m,
-            semantics=m.semantics or ckpt.semantics,
-            embed_norm_eps=ckpt.embed_norm_eps if m.embed_norm_eps is None else m.embed_norm_eps,
-        )
-        ckpt.load_into(model)
-        model.class_names = ckpt.class_names  # type: ignore[assignment]
-        return model
+        return build_detector(m)
 
     def build_datasets(self, recipe: Recipe, *, train: bool = True) -> tuple[Dataset[Any] | None, Dataset[Any]]:
         d: DetectionData = recipe.data

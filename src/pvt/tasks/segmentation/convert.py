@@ -157,7 +157,11 @@ def read_whole_segmenter(path: str) -> SegmenterCheckpoint:
             "tensors); for backbone weights use backbone_checkpoint"
         )
     body = {k[len("backbone.body.") :]: v for k, v in sd.items() if k.startswith("backbone.body.")}
-    arch = meta.get("backbone") or infer_arch(body)  # None for a ResNet body
+    # convert_segmenter writes "backbone"; a run's model.safetensors "arch" = "semantic_fpn_<backbone>"
+    # (which also names ResNets); else the PVT is recognised by its tensors.
+    named = meta.get("arch", "")
+    arch = meta.get("backbone") or (named[len("semantic_fpn_") :] if named.startswith("semantic_fpn_") else None)
+    arch = arch or infer_arch(body)
     num_classes = int(sd["head.classifier.weight"].shape[0])
     return SegmenterCheckpoint(
         source=str(path),
@@ -170,7 +174,7 @@ def read_whole_segmenter(path: str) -> SegmenterCheckpoint:
     )
 
 
-def convert_segmenter(src: str, dst: str) -> tuple[SegmenterCheckpoint, LoadReport]:
+def convert_segmenter(src: str, dst: str) -> tuple[SegmenterCheckpoint, LoadReport | None]:
     """Write a whole Semantic FPN file as this project's safetensors, load-checked first.
 
     The header keeps what building it again needs: ``task``, ``backbone``, ``num_classes``,
@@ -181,7 +185,7 @@ def convert_segmenter(src: str, dst: str) -> tuple[SegmenterCheckpoint, LoadRepo
 
     ckpt = read_whole_segmenter(src)
     if ckpt.backbone is None:
-        raise CheckpointError(f"{src}: already this project's Semantic FPN on a ResNet; nothing to convert")
+        raise CheckpointError(f"{src}: its backbone is not named in the file; nothing to convert it to")
     model = semantic_fpn(ckpt.backbone, ckpt.num_classes, checkpoint=src)
     meta = {
         "task": "segmentation",
@@ -193,4 +197,4 @@ def convert_segmenter(src: str, dst: str) -> tuple[SegmenterCheckpoint, LoadRepo
     if ckpt.class_names:
         meta["classes"] = json.dumps(ckpt.class_names)
     save_safetensors(model.state_dict(), dst, metadata=meta)
-    return ckpt, model.load_report  # type: ignore[return-value]
+    return ckpt, getattr(model, "load_report", None)  # None: this project's own file, loaded exactly

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pvt.tasks.detection.mmdet_compat import cv2_resize_linear_u8
+from pvt.tasks.detection.mmdet_compat import cv2_resize_linear_u8, eight_bit_values
 from pvt.tasks.segmentation.data import eval_size
 
 
@@ -33,13 +33,6 @@ def slide_logits(model: nn.Module, x: Tensor, crop: tuple[int, int], stride: tup
     return total / count
 
 
-def _eight_bit(image: Tensor) -> Tensor | None:
-    """``[3, H, W]`` 0..1 image -> its 0..255 integer values when it came from an 8-bit file."""
-    x = image.float() * 255
-    r = x.round()
-    return r if bool(((x - r).abs() <= 1e-3).all()) else None
-
-
 def align_resize(image: Tensor, scale: tuple[int, int], ratio: float = 1.0, align: int = 32) -> Tensor:
     """mmseg 0.13's ``AlignResize`` (the authors' test pipeline): ``[3, H, W]`` in 0..1 ->
     ``[1, 3, h, w]`` in 0..1, rescaled keeping the ratio into ``scale x ratio``, then resized again
@@ -53,7 +46,7 @@ def align_resize(image: Tensor, scale: tuple[int, int], ratio: float = 1.0, alig
     f = min(scale[0] * ratio / max(H, W), scale[1] * ratio / min(H, W))
     rescaled = (int(H * f + 0.5), int(W * f + 0.5))
     aligned = eval_size(H, W, scale, ratio, align)
-    u8 = _eight_bit(image)
+    u8 = eight_bit_values(image)
     if u8 is None:
         return F.interpolate(image[None].float(), size=aligned, mode="bilinear", align_corners=False)
     for size in (rescaled, aligned):
