@@ -193,6 +193,19 @@ def mmdet_anchor_sizes(
 SEMANTICS = ("torchvision", "mmdet")
 
 
+def _finish(model: Any, arch: str, mmdet: bool, embed_norm_eps: float | None, ckpt: DetectorCheckpoint | None) -> Any:
+    """Name the built detector, record how it computes, and load the whole-detector file if any."""
+    model.arch = arch
+    model.semantics = "mmdet" if mmdet else "torchvision"
+    model.embed_norm_eps = EMBED_NORM_EPS if embed_norm_eps is None else embed_norm_eps
+    # Kept in the header of the weights a training run writes, so the file rebuilds the same model.
+    model.checkpoint_metadata = {"semantics": model.semantics, "embed_norm_eps": repr(model.embed_norm_eps)}
+    if ckpt is not None:
+        ckpt.load_into(model)
+        model.class_names = ckpt.class_names
+    return model
+
+
 def _whole_detector(
     detector: str,
     backbone: str,
@@ -311,15 +324,7 @@ def retinanet(
     )
     if mmdet:
         model.transform = MMDetTransform(min_size, max_size)
-    model.arch = f"retinanet_{backbone}"  # type: ignore[assignment]
-    model.semantics = "mmdet" if mmdet else "torchvision"  # type: ignore[assignment]
-    model.embed_norm_eps = EMBED_NORM_EPS if embed_norm_eps is None else embed_norm_eps  # type: ignore[assignment]
-    # Kept in the header of the weights a training run writes, so the file rebuilds the same model.
-    model.checkpoint_metadata = {"semantics": model.semantics, "embed_norm_eps": repr(model.embed_norm_eps)}  # type: ignore[assignment]
-    if ckpt is not None:
-        ckpt.load_into(model)
-        model.class_names = ckpt.class_names  # type: ignore[assignment]
-    return model
+    return _finish(model, f"retinanet_{backbone}", mmdet, embed_norm_eps, ckpt)
 
 
 def mask_rcnn(
@@ -400,12 +405,4 @@ def mask_rcnn(
     )
     if mmdet:
         to_mmdet_semantics(model)
-    model.arch = f"mask_rcnn_{backbone}"  # type: ignore[assignment]
-    model.semantics = "mmdet" if mmdet else "torchvision"  # type: ignore[assignment]
-    model.embed_norm_eps = EMBED_NORM_EPS if embed_norm_eps is None else embed_norm_eps  # type: ignore[assignment]
-    # Kept in the header of the weights a training run writes, so the file rebuilds the same model.
-    model.checkpoint_metadata = {"semantics": model.semantics, "embed_norm_eps": repr(model.embed_norm_eps)}  # type: ignore[assignment]
-    if ckpt is not None:
-        ckpt.load_into(model)
-        model.class_names = ckpt.class_names  # type: ignore[assignment]
-    return model
+    return _finish(model, f"mask_rcnn_{backbone}", mmdet, embed_norm_eps, ckpt)
