@@ -15,6 +15,18 @@ from pvt.models import (
 
 __version__ = "0.1.0"
 
+# Task packages load on first use (`pvt.detection.retinanet(...)` after a plain `import pvt`), so
+# `import pvt` stays as light as the models themselves.
+_LAZY_SUBMODULES = ("detection", "segmentation", "hub")
+
+
+def __getattr__(name: str) -> object:
+    if name in _LAZY_SUBMODULES:
+        import importlib
+
+        return importlib.import_module(f"pvt.{name}")
+    raise AttributeError(f"module 'pvt' has no attribute {name!r}")
+
 __all__ = [
     "CheckpointError",
     "Complexity",

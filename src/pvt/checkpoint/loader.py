@@ -140,7 +140,10 @@ def read_state_dict(source: str | os.PathLike[str] | Mapping[str, object]) -> So
         sd, meta = read_checkpoint(source)
         name = str(source)
     sd, ignored = split_prefixes(sd)
-    layout = detect_layout(sd)
+    try:
+        layout = detect_layout(sd)
+    except CheckpointError as e:
+        raise CheckpointError(f"{name}: {e}") from None
     official = to_official(sd, layout)
     if meta.get("format") == FORMAT_NAME:
         layout = FORMAT_NAME

@@ -18,7 +18,9 @@ def list_presets(task: str) -> list[str]:
 def load_preset(task: str, name_or_path: str) -> dict[str, Any]:
     """A shipped preset by name, or a recipe YAML (e.g. a run's ``config.yaml``) by path."""
     path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml") or path.exists():
+    # A name is a shipped preset unless it looks like a recipe file or names an existing *file*:
+    # a folder called like a preset (a previous --output digits) must not shadow it.
+    if path.suffix in (".yaml", ".yml") or path.is_file():
         data = read_yaml(path)
     else:
         shipped = PRESET_DIR / task / f"{name_or_path}.yaml"

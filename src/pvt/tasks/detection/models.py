@@ -25,8 +25,10 @@ losses and samplers in training.
 
 from __future__ import annotations
 
+import difflib
+import inspect
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -193,6 +195,26 @@ def mmdet_anchor_sizes(
 SEMANTICS = ("torchvision", "mmdet")
 
 
+# torchvision's detectors hand unknown keyword arguments on to their transform, which ignores the
+# ones it does not know: a typo such as ``chekpoint=`` would be silently dropped.
+_TRANSFORM_KWARGS = frozenset({"size_divisible", "fixed_size"})
+
+
+def _check_kwargs(builder: Callable[..., Any], detector: type, kwargs: dict[str, Any]) -> None:
+    """Refuse keyword arguments that neither ``builder`` nor torchvision's ``detector`` takes."""
+    known = {n for n in inspect.signature(detector).parameters if n not in ("self", "kwargs")}
+    known |= _TRANSFORM_KWARGS
+    unknown = sorted(set(kwargs) - known)
+    if not unknown:
+        return
+    own = {n for n in inspect.signature(builder).parameters if n != "kwargs"}
+    hints = []
+    for name in unknown:
+        close = difflib.get_close_matches(name, known | own, 1)
+        hints.append(f"{name} (did you mean {close[0]}?)" if close else name)
+    raise TypeError(f"{builder.__name__}() got unexpected keyword argument(s): {', '.join(hints)}")
+
+
 def _finish(model: Any, arch: str, mmdet: bool, embed_norm_eps: float | None, ckpt: DetectorCheckpoint | None) -> Any:
     """Name the built detector, record how it computes, and load the whole-detector file if any."""
     model.arch = arch
@@ -274,6 +296,7 @@ def retinanet(
     ``octave_base_scale`` sizes the mmdet anchors (``anchor_sizes`` is torchvision's form).
     Extra ``kwargs`` go to torchvision's ``RetinaNet`` (score thresholds, detections per image...).
     """
+    _check_kwargs(retinanet, RetinaNet, kwargs)
     backbone_weights = backbone_checkpoint is not None or bool(backbone_pretrained)
     ckpt = _whole_detector("retinanet", backbone, num_classes, checkpoint, pretrained, backbone_weights)
     if ckpt is not None:
@@ -361,6 +384,7 @@ def mask_rcnn(
     way. ``embed_norm_eps``: the PVT's patch-embedding / spatial-reduction LayerNorm eps (None: the
     checkpoint's, else the official 1e-5; mmdetection's PVT uses 1e-6).
     """
+    _check_kwargs(mask_rcnn, MaskRCNN, kwargs)
     backbone_weights = backbone_checkpoint is not None or bool(backbone_pretrained)
     ckpt = _whole_detector("mask_rcnn", backbone, num_classes, checkpoint, pretrained, backbone_weights)
     if ckpt is not None:
