@@ -66,3 +66,22 @@ def test_no_code_path_unpickles_untrusted_data() -> None:
             loads += 1
         assert "yaml.load(" not in text and "pickle.load" not in text, f"{path}: unsafe deserialisation"
     assert loads >= 2  # the checkpoint reader's two calls at least: the scan sees the package
+
+
+def test_progress_is_plain_lines_when_not_on_a_terminal(monkeypatch, capsys) -> None:
+    from pvt.engine.trainer import _progress
+
+    bar = _progress(5, "epoch 1/2", True, every=2)  # pytest's stderr is no terminal
+    for i in range(5):
+        bar.set_postfix(loss=f"{1 / (i + 1):.4f}")
+        bar.update(1)
+    bar.close()
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    assert err.splitlines() == [
+        "epoch 1/2: 2/5 loss 0.5000",
+        "epoch 1/2: 4/5 loss 0.2500",
+        "epoch 1/2: 5/5 loss 0.2000",
+    ]
+    monkeypatch.setattr("sys.stderr.isatty", lambda: True)
+    assert type(_progress(5, "epoch 1/2", True, every=2)).__name__ == "tqdm"

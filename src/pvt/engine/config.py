@@ -75,7 +75,7 @@ class TrainConfig:
     log_every: int = 10  # iterations
     tensorboard: bool = False
     grad_checkpointing: bool = False
-    progress: bool = True  # tqdm bars on rank 0
+    progress: bool = True  # rank 0: tqdm bars on a terminal, a plain line every log_every otherwise
 
 
 ENGINE_SECTIONS: dict[str, type] = {

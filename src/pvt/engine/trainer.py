@@ -257,7 +257,8 @@ class Trainer:
         bs = r.data.batch_size
         steps_done = position // (bs * accum)
         remaining = min(self.iters_per_epoch - steps_done, self.total_iters - self.schedule.iteration)
-        bar = _progress(remaining, f"epoch {epoch + 1}/{self.epochs}", self.dist.is_main and r.train.progress)
+        desc, on = f"epoch {epoch + 1}/{self.epochs}", self.dist.is_main and r.train.progress
+        bar = _progress(remaining, desc, on, r.train.log_every)
         self.model.train()
         micro, t0, seen = 0, time.perf_counter(), 0
         loss_sum = torch.zeros((), device=self.device)
@@ -414,9 +415,32 @@ class _NoBar:
     def close(self) -> None: ...
 
 
-def _progress(total: int, desc: str, enabled: bool) -> Any:
+class _PlainLines:
+    """Progress for a log file or pipe: one plain line every ``every`` steps (a tqdm bar there
+    would write carriage-return frames)."""
+
+    def __init__(self, total: int, desc: str, every: int) -> None:
+        self.total, self.desc, self.every, self.n = total, desc, max(every, 1), 0
+        self.postfix: dict[str, Any] = {}
+
+    def set_postfix(self, **kw: Any) -> None:
+        self.postfix = kw
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        if self.n % self.every == 0 or self.n == self.total:
+            fields = " ".join(f"{k} {v}" for k, v in self.postfix.items())
+            print(f"{self.desc}: {self.n}/{self.total} {fields}".rstrip(), file=sys.stderr, flush=True)
+
+    def close(self) -> None: ...
+
+
+def _progress(total: int, desc: str, enabled: bool, every: int) -> Any:
+    """A tqdm bar on a terminal, plain lines every ``every`` steps otherwise, nothing when off."""
     if not enabled:
         return _NoBar()
+    if not sys.stderr.isatty():
+        return _PlainLines(total, desc, every)
     from tqdm import tqdm
 
     return tqdm(total=total, desc=desc, dynamic_ncols=True, leave=False, file=sys.stderr)
