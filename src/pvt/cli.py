@@ -11,9 +11,11 @@ from pathlib import Path
 from typing import Any
 
 from pvt.checkpoint import CheckpointError, infer_arch, load_checkpoint, read_state_dict, save_safetensors
+from pvt.checkpoint.loader import check_finite
 from pvt.checkpoint.io import atomic_write
 from pvt.complexity import complexity
 from pvt.engine.presets import list_presets
+from pvt.engine.trainer import NonFiniteLoss
 from pvt.models import create_model, list_models
 from pvt.runtime import keep_freed_memory
 from pvt.tasks import TASKS
@@ -59,7 +61,9 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         features_only=head is None and "cls_token" not in sd,
         **kwargs,
     )
-    report = load_checkpoint(model, sd, strict=True)
+    if not args.allow_nonfinite:
+        check_finite(sd, args.src)  # here, so that the message names the file
+    report = load_checkpoint(model, sd, strict=True, allow_nonfinite=True)
     report.source, report.layout = args.src, src.layout
     save_safetensors(model.state_dict(), args.dst, arch=arch)
     print(report)
@@ -96,6 +100,8 @@ def _recipe(args: argparse.Namespace, task_name: str, default_preset: str | None
         overrides.append(f"data.root={args.data}")
     if getattr(args, "model", None):
         overrides.append(f"model.name={args.model}")
+    if getattr(args, "allow_nonfinite", False):
+        overrides.append("model.allow_nonfinite=true")
     if ckpt:
         overrides.append(f"model.checkpoint={ckpt}")
         # A run's config.yaml may say it started from published weights; these weights replace them.
@@ -222,6 +228,14 @@ def _add_pretrained_arg(p: argparse.ArgumentParser, text: str) -> None:
     )
 
 
+def _add_allow_nonfinite(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--allow-nonfinite",
+        action="store_true",
+        help="load weights even if they hold NaN or Inf (refused by default; sets model.allow_nonfinite)",
+    )
+
+
 def _tag(value: str) -> bool | str:
     return True if value.lower() in ("true", "default") else value
 
@@ -261,12 +275,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("dst", help="output .safetensors path")
     p.add_argument("--arch", choices=list_models(), metavar="NAME", help="default: inferred")
+    _add_allow_nonfinite(p)
     p.set_defaults(func=_cmd_convert)
 
     p = sub.add_parser("train", help="train a task (torchrun-aware)")
     _add_recipe_args(p)
     p.add_argument("--output", required=True, help="run directory")
     p.add_argument("--checkpoint", help="start from these weights (sets model.checkpoint; fine-tuning)")
+    _add_allow_nonfinite(p)
     _add_pretrained_arg(
         p, "start from published ImageNet weights (classification: model.pretrained; dense tasks: the backbone's)"
     )
@@ -276,6 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="evaluate weights on a task's evaluation split")
     _add_recipe_args(p)
     p.add_argument("--checkpoint", help="weights (a run's model.safetensors or any layout)")
+    _add_allow_nonfinite(p)
     _add_pretrained_arg(p, "evaluate published weights (sets model.pretrained; their eval transform)")
     p.add_argument("--out", help="also write the metrics to this JSON file")
     p.set_defaults(func=_cmd_eval)
@@ -283,6 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="predict on image files or folders")
     _add_recipe_args(p)
     p.add_argument("--checkpoint", help="weights; a run's config.yaml beside them is used")
+    _add_allow_nonfinite(p)
     _add_pretrained_arg(p, "published weights (sets model.pretrained; their transform and class names)")
     p.add_argument("--out", help="folder for the task's output files")
     p.add_argument("inputs", nargs="+", help="image files or folders")
@@ -324,7 +342,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     keep_freed_memory()  # our own process: activations stop being page-faulted in per forward
     try:
         return int(args.func(args))
-    except (CheckpointError, ValueError, FileNotFoundError) as e:
+    except (CheckpointError, ValueError, OSError, NonFiniteLoss) as e:
         print(f"pvt {args.command}: error: {e}", file=sys.stderr)
         return 2
 

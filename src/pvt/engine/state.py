@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import random
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from pvt.checkpoint import CheckpointError
 from pvt.checkpoint.io import atomic_write
 
 _NAME = re.compile(r"^ckpt_(\d{8})\.pt$")
@@ -44,9 +46,21 @@ def checkpoint_path(run_dir: Path, iteration: int) -> Path:
     return run_dir / "checkpoints" / f"ckpt_{iteration:08d}.pt"
 
 
+class CheckpointWriteError(OSError):
+    """A training checkpoint could not be written (a full disk, a lost mount); the previous one is intact."""
+
+
 def save_state(path: Path, state: dict[str, Any]) -> None:
-    """Write atomically (temp file, fsync, rename): a kill mid-write leaves the previous one intact."""
-    atomic_write(path, lambda tmp: torch.save(state, tmp))
+    """Write atomically (temp file, fsync, rename): a kill mid-write, or a full disk, leaves the
+    previous checkpoint intact and no partial file where a resume would look."""
+    try:
+        atomic_write(path, lambda tmp: torch.save(state, tmp))
+    except OSError as e:
+        raise CheckpointWriteError(
+            e.errno,
+            f"{path.parent}: could not write {path.name} ({e.strerror or e}); the previous checkpoint there is "
+            "intact: free space (or fix the folder) and continue with --resume",
+        ) from e
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
@@ -59,6 +73,25 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 def latest_checkpoint(run_dir: Path) -> Path | None:
     found = list_checkpoints(run_dir)
     return found[-1] if found else None
+
+
+def latest_readable_state(run_dir: Path) -> tuple[Path, dict[str, Any]] | None:
+    """The newest checkpoint that reads, skipping (with a warning naming it) any that does not: a
+    node that died while the file system synced can leave a truncated file. None if there are none;
+    an error if there are some and none reads."""
+    found = list_checkpoints(run_dir)
+    problems = []
+    for path in reversed(found):
+        try:
+            return path, load_state(path)
+        except RuntimeError as e:
+            problems.append(str(e))
+            warnings.warn(f"skipping {path}: unreadable ({e.__cause__ or e}); trying the one before", stacklevel=2)
+    if found:
+        raise CheckpointError(
+            f"{run_dir / 'checkpoints'}: no readable checkpoint to resume from: " + "; ".join(problems)
+        )
+    return None
 
 
 def load_state(path: Path) -> dict[str, Any]:

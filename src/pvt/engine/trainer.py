@@ -219,10 +219,12 @@ class Trainer:
         barrier(self.dist)
 
     def _restore(self) -> tuple[int, int]:
-        path = ckpt.latest_checkpoint(self.run_dir)
-        if path is None:
+        found = ckpt.latest_readable_state(self.run_dir)
+        if found is None:
+            if self.dist.is_main:
+                print(f"--resume: no checkpoint in {self.run_dir / 'checkpoints'} yet, starting from scratch")
             return 0, 0
-        state = ckpt.load_state(path)
+        path, state = found
         if state.get("world_size", 1) != self.dist.world_size:
             raise RuntimeError(
                 f"{path} was written by {state.get('world_size')} processes; resume with the same "

@@ -1,0 +1,77 @@
+"""Faults a cluster job meets (issue 13): resuming into an empty run folder, a truncated latest
+checkpoint, and a full disk while writing one."""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from pvt.cli import main as cli_main
+from pvt.engine import state as ckpt_state
+from pvt.tasks.classification import export_digits
+
+QUICK = ["train.progress=false", "train.log_every=1", "data.eval_batch_size=360", "data.batch_size=64",
+         "schedule.warmup_iters=1", "train.checkpoint_every=2", "train.keep_checkpoints=3",
+         "data.workers=0"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("cache")
+    os.environ["PVT_CACHE"] = str(root)
+    export_digits()
+    return root
+
+
+def _train(run: Path, iterations: int, *extra: str) -> int:
+    sets = [x for s in [*QUICK, f"schedule.iterations={iterations}"] for x in ("--set", s)]
+    return cli_main(["train", "classification", "--preset", "digits", "--output", str(run), *sets, *extra])
+
+
+def test_resume_into_an_empty_folder_starts_from_scratch(cache: Path, tmp_path: Path, capsys) -> None:
+    assert _train(tmp_path / "first", 2, "--resume") == 0  # a first elastic start passes --resume too
+    assert "starting from scratch" in capsys.readouterr().out
+    assert (tmp_path / "first" / "model.safetensors").is_file()
+
+
+def test_a_truncated_latest_checkpoint_is_skipped(cache: Path, tmp_path: Path, capsys) -> None:
+    run = tmp_path / "run"
+    assert _train(run, 4) == 0
+    found = ckpt_state.list_checkpoints(run)
+    assert [p.name for p in found][-2:] == ["ckpt_00000002.pt", "ckpt_00000004.pt"]
+    data = found[-1].read_bytes()
+    found[-1].write_bytes(data[: len(data) // 2])  # a node died while the file system synced
+    capsys.readouterr()
+    with pytest.warns(UserWarning, match=r"skipping .*ckpt_00000004\.pt: unreadable"):
+        assert _train(run, 6, "--resume") == 0
+    assert "resuming from" in (out := capsys.readouterr().out) and "ckpt_00000002.pt (iteration 2" in out
+    for p in ckpt_state.list_checkpoints(run):
+        p.write_bytes(b"garbage")
+    with pytest.warns(UserWarning, match="skipping"):
+        assert _train(run, 8, "--resume") == 2
+    assert "no readable checkpoint to resume from" in capsys.readouterr().err
+
+
+def test_a_full_disk_keeps_the_previous_checkpoint(cache: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    run = tmp_path / "full"
+    real_save = torch.save
+
+    def save(obj: object, f: str, *a: object, **k: object) -> None:
+        if isinstance(obj, dict) and obj.get("iteration") == 4:
+            with open(f, "wb") as out:  # part of the file, then the disk is full
+                out.write(b"\0" * 1000)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(ckpt_state.torch, "save", save)
+    assert _train(run, 6) == 2
+    err = capsys.readouterr().err
+    assert f"{run / 'checkpoints'}: could not write ckpt_00000004.pt (No space left on device)" in err
+    assert "--resume" in err
+    names = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert names == ["ckpt_00000002.pt"]  # the previous one, and no partial or temporary file
+    assert ckpt_state.load_state(run / "checkpoints" / names[0])["iteration"] == 2
