@@ -3,6 +3,7 @@ checkpoint, and a full disk while writing one."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 from pathlib import Path
@@ -75,3 +76,56 @@ def test_a_full_disk_keeps_the_previous_checkpoint(cache: Path, tmp_path: Path, 
     names = sorted(p.name for p in (run / "checkpoints").iterdir())
     assert names == ["ckpt_00000002.pt"]  # the previous one, and no partial or temporary file
     assert ckpt_state.load_state(run / "checkpoints" / names[0])["iteration"] == 2
+
+
+def _worker_pid(marker: str, rank: int) -> int | None:
+    """The torchrun worker whose command line holds ``marker`` and whose environment says ``RANK``."""
+    for d in Path("/proc").iterdir():
+        try:
+            if d.name.isdigit() and marker in (d / "cmdline").read_bytes().decode(errors="replace"):
+                env = (d / "environ").read_bytes().split(b"\0")
+                if f"RANK={rank}".encode() in env and b"LOCAL_RANK" in b"".join(env):
+                    return int(d.name)
+        except OSError:
+            continue
+    return None
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the worker through /proc")
+def test_a_hung_rank_ends_the_job_after_dist_timeout(cache: Path, tmp_path: Path) -> None:
+    """One of two DDP processes stops answering (SIGSTOP): the other gives up after
+    train.dist_timeout with a message, instead of waiting forever."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    repo = Path(__file__).resolve().parent.parent
+    out = tmp_path / "hang"
+    sets = [*QUICK, "schedule.iterations=400", "train.dist_timeout=4", "train.checkpoint_every=1000"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(repo / "tests" / "ddp_worker.py"), str(out), "classification", "digits", *sets]  # fmt: skip
+    env = {**os.environ, "PVT_CACHE": str(cache), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(cmd, env=env, cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    stopped = None
+    try:
+        log = out / "run" / "metrics.jsonl"
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None:
+            if log.is_file() and len(log.read_text().splitlines()) >= 2:
+                stopped = _worker_pid(str(out), 1)
+                break
+            time.sleep(0.1)
+        assert stopped is not None, "training did not start"
+        os.kill(stopped, signal.SIGSTOP)
+        t0 = time.time()
+        _, err = proc.communicate(timeout=180)
+        assert proc.returncode != 0
+        assert "another process did not answer within train.dist_timeout=4 s" in err
+        assert time.time() - t0 < 120
+    finally:
+        if stopped is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(stopped, signal.SIGKILL)
+        if proc.poll() is None:
+            proc.kill()

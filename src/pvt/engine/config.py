@@ -31,6 +31,7 @@ class ModelConfig:
     pretrained: bool | str = False  # published ImageNet weights: true (default source) or a tag (pvt weights)
     freeze_stages: int = 0  # freeze the first k backbone stages
     img_size: int | None = None  # v1 position-table grid (None: 224)
+    allow_nonfinite: bool = False  # load weights holding NaN / Inf (refused by default; --allow-nonfinite)
 
 
 @dataclass
@@ -75,6 +76,7 @@ class TrainConfig:
     log_every: int = 10  # iterations
     tensorboard: bool = False
     grad_checkpointing: bool = False
+    dist_timeout: float = 1800.0  # seconds a collective waits for every rank; then the job ends with a message
     progress: bool = True  # rank 0: tqdm bars on a terminal, a plain line every log_every otherwise
 
 

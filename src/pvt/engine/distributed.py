@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -33,10 +34,23 @@ def pick_device(pref: str, local_rank: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
-def init_distributed(device_pref: str = "auto") -> DistInfo:
+class RankTimeout(TimeoutError):
+    """Another process did not take part in a collective within ``train.dist_timeout``."""
+
+
+def is_collective_failure(e: BaseException) -> bool:
+    """Whether ``e`` is a collective that gave up on a hung or dead peer (gloo / nccl wording)."""
+    text = str(e)
+    return isinstance(e, dist.DistError) or any(
+        s in text for s in ("Timed out", "timed out", "Connection closed by peer", "Connection reset by peer")
+    )
+
+
+def init_distributed(device_pref: str = "auto", timeout_s: float = 1800.0) -> DistInfo:
     """Join the process group torchrun describes (``RANK``, ``WORLD_SIZE``, ...), or run alone.
 
-    gloo on CPU, nccl on GPU; multi-node works through torchrun's own rendezvous.
+    gloo on CPU, nccl on GPU; multi-node works through torchrun's own rendezvous. A collective
+    that waits more than ``timeout_s`` for another process raises instead of waiting forever.
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -45,7 +59,8 @@ def init_distributed(device_pref: str = "auto") -> DistInfo:
     if world > 1 and not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
     return DistInfo(rank, world, local_rank, device)
 
 

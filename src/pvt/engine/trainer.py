@@ -28,12 +28,14 @@ from pvt.engine.config import Recipe
 from pvt.engine.data import ResumableSampler, SeededDataset
 from pvt.engine.distributed import (
     DistInfo,
+    RankTimeout,
     all_reduce_sum,
     barrier,
     broadcast_buffers,
     cleanup,
     gather_objects,
     init_distributed,
+    is_collective_failure,
 )
 from pvt.engine.optim import Schedule, build_optimizer, scaled_lr
 from pvt.engine.task import LoaderConfig, Task
@@ -101,13 +103,18 @@ class _StopFlag:
             signal.signal(s, h)
 
 
+class NonFiniteLoss(RuntimeError):
+    """The training loss became NaN or Inf; raised on every rank before the step that would
+    have applied it, so the run directory keeps only checkpoints of good weights."""
+
+
 class Trainer:
     """Runs one recipe for one task in ``run_dir``; ``fit()`` returns the final metrics."""
 
     def __init__(self, task: Task, recipe: Recipe, run_dir: str | Path, *, resume: bool = False) -> None:
         self.task, self.recipe, self.run_dir = task, recipe, Path(run_dir)
         self.resume = resume
-        self.dist: DistInfo = init_distributed(recipe.train.device)
+        self.dist: DistInfo = init_distributed(recipe.train.device, recipe.train.dist_timeout)
         self.device = self.dist.device
         tc = recipe.train
         set_determinism(tc.seed + self.dist.rank, tc.deterministic)
@@ -274,11 +281,8 @@ class Trainer:
             with ctx:
                 with self.autocast():
                     loss = self.task.loss(self.forward_model, batch, self.device)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(
-                        f"loss is {loss.item()} at iteration {self.schedule.iteration}; lower optim.lr, "
-                        "set optim.clip_grad, or use train.amp=none"
-                    )
+                # A non-finite loss is checked at the step below, on every rank at once: a rank
+                # raising here alone would leave the others waiting in the gradient all-reduce.
                 self.scaler.scale(loss / accum).backward()
             loss_sum += loss.detach()
             micro += 1
@@ -286,6 +290,7 @@ class Trainer:
             position += bs
             if not sync:
                 continue
+            self._check_loss(loss_sum)  # before the step: the weights stay those of the last good one
             if r.optim.clip_grad:
                 self.scaler.unscale_(self.optimizer)
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), r.optim.clip_grad)
@@ -317,6 +322,30 @@ class Trainer:
                 return False
         bar.close()
         return True
+
+    def _check_loss(self, loss_sum: torch.Tensor) -> None:
+        """Raise ``NonFiniteLoss`` on every rank when any rank's loss of this step is NaN or Inf.
+
+        Only the loss counts: under fp16 the grad scaler skips steps with inf *gradients* by design.
+        """
+        bad = (~torch.isfinite(loss_sum.detach().float())).float().reshape(1)
+        all_reduce_sum(bad, self.dist)  # the loss is per rank; every rank must stop at this step
+        if bad.item() > 0:
+            local = float(loss_sum)
+            value = f"{local}" if not torch.isfinite(loss_sum) else f"NaN or Inf on another process (here {local:.4g})"
+            raise NonFiniteLoss(self._nonfinite_message(value))
+
+    def _nonfinite_message(self, value: str) -> str:
+        o = self.recipe.optim
+        last = ckpt.latest_checkpoint(self.run_dir)
+        kept = f"the last good checkpoint is {last}" if last else "no checkpoint had been written yet"
+        clip = 1.0 if o.clip_grad is None else o.clip_grad / 10
+        return (
+            f"loss is {value} at iteration {self.schedule.iteration + 1} of {self.total_iters} (the training "
+            f"diverged); stopped before that step's update and wrote nothing after it: {kept}. Rerun the same "
+            f"command with --resume and a lower learning rate (--set optim.lr={o.lr / 10:g}, now {o.lr:g}) or "
+            f"gradient clipping (--set optim.clip_grad={clip!r})"
+        )
 
     def _should_stop(self, stop: _StopFlag) -> bool:
         """Whether any rank got a signal: every rank must stop at the same step to checkpoint."""
@@ -352,6 +381,14 @@ class Trainer:
                         metrics = self._eval_and_log(epoch)
                     self._save(epoch, 0)
             self._finish(metrics)
+        except RuntimeError as e:
+            if not (self.dist.enabled and is_collective_failure(e)):
+                raise
+            raise RankTimeout(
+                f"rank {self.dist.rank}: another process did not answer within train.dist_timeout="
+                f"{self.recipe.train.dist_timeout:g} s (it hung or died) at iteration {self.schedule.iteration}; "
+                f"the job stops. Continue with --resume from the last checkpoint in {self.run_dir / 'checkpoints'}"
+            ) from e
         finally:
             if self.tb is not None:
                 self.tb.close()
@@ -461,4 +498,4 @@ def run_evaluation(task: Task, recipe: Recipe) -> dict[str, float]:
         cleanup(info)
 
 
-__all__ = ["Trainer", "all_reduce_sum", "autocast_factory", "make_eval_loader", "run_evaluation"]
+__all__ = ["NonFiniteLoss", "Trainer", "all_reduce_sum", "autocast_factory", "make_eval_loader", "run_evaluation"]
