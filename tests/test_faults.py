@@ -129,3 +129,23 @@ def test_a_hung_rank_ends_the_job_after_dist_timeout(cache: Path, tmp_path: Path
                 os.kill(stopped, signal.SIGKILL)
         if proc.poll() is None:
             proc.kill()
+
+
+def test_a_bad_image_in_a_loader_worker_stops_the_run_naming_it(tmp_path: Path, capsys) -> None:
+    """With train.workers > 0 the error raised in a worker process reaches the user with its file."""
+    from PIL import Image
+
+    for split in ("train", "val"):
+        for c in ("cat", "dog"):
+            (tmp_path / split / c).mkdir(parents=True)
+            for i in range(4):
+                Image.new("RGB", (32, 32), (i * 40, 80 if c == "cat" else 160, 0)).save(
+                    tmp_path / split / c / f"{i}.png"
+                )
+    bad = tmp_path / "train" / "dog" / "9.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    sets = ["train.progress=false", "schedule.iterations=4", "data.batch_size=3", "data.workers=2",
+            "model.num_classes=2", "data.eval_batch_size=8", "schedule.warmup_iters=1"]  # fmt: skip
+    args = ["train", "classification", "--preset", "digits", "--data", str(tmp_path), "--output", str(tmp_path / "r")]
+    assert cli_main([*args, *[x for s in sets for x in ("--set", s)]]) == 2
+    assert f"{bad}: cannot read this image" in capsys.readouterr().err
