@@ -149,3 +149,48 @@ def test_a_bad_image_in_a_loader_worker_stops_the_run_naming_it(tmp_path: Path, 
     args = ["train", "classification", "--preset", "digits", "--data", str(tmp_path), "--output", str(tmp_path / "r")]
     assert cli_main([*args, *[x for s in sets for x in ("--set", s)]]) == 2
     assert f"{bad}: cannot read this image" in capsys.readouterr().err
+
+
+def _elastic_cmd(run: Path, *torchrun: str) -> list[str]:
+    import sys
+
+    sets = [*QUICK, "schedule.iterations=12", "schedule.warmup_iters=2", "train.checkpoint_every=3",
+            "train.deterministic=true", "data.batch_size=48"]  # fmt: skip
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *torchrun,
+            "-m", "pvt.cli", "train", "classification", "--preset", "digits", "--output", str(run), "--resume",
+            *[x for s in sets for x in ("--set", s)]]  # fmt: skip
+
+
+def test_elastic_restart_resumes_both_ranks_bit_for_bit(cache: Path, tmp_path: Path) -> None:
+    """torchrun --max-restarts 1, one rank SIGKILLed mid-epoch: both ranks restart, resume from the
+    last checkpoint by themselves, and end with the weights of an uninterrupted two-process run."""
+    import signal
+    import subprocess
+    import time
+
+    from safetensors.torch import load_file
+
+    repo = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PVT_CACHE": str(cache), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    ref = tmp_path / "ref"
+    subprocess.run(_elastic_cmd(ref), env=env, cwd=repo, check=True, capture_output=True, timeout=600)
+    run = tmp_path / "elastic"
+    proc = subprocess.Popen(_elastic_cmd(run, "--max-restarts", "1"), env=env, cwd=repo,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        deadline = time.time() + 300
+        victim = None
+        while time.time() < deadline and proc.poll() is None and victim is None:
+            if (run / "checkpoints" / "ckpt_00000006.pt").exists():
+                victim = _worker_pid(str(run), 1)
+            time.sleep(0.02)
+        assert victim is not None, "the run ended before a rank could be killed"
+        os.kill(victim, signal.SIGKILL)
+        out, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err[-3000:]
+        assert "resuming from" in out
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    a, b = load_file(ref / "model.safetensors"), load_file(run / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -60,7 +60,18 @@ def init_distributed(device_pref: str = "auto", timeout_s: float = 1800.0) -> Di
         if device.type == "cuda":
             torch.cuda.set_device(device)
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
+        timeout = timedelta(seconds=timeout_s)
+        restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        if restart != "0":
+            # torchrun keeps its store across restarts, with the last attempt's addresses in it:
+            # the restarted processes meet in a key space of their own.
+            base = dist.TCPStore(
+                os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False, timeout=timeout
+            )
+            store = dist.PrefixStore(f"pvt/restart{restart}", base)
+            dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world, timeout=timeout)
+        else:
+            dist.init_process_group(backend=backend, timeout=timeout)
     return DistInfo(rank, world, local_rank, device)
 
 
