@@ -113,10 +113,10 @@ def test_crop_policy_keeps_boxes_masks_and_labels_consistent(tmp_path: Path) -> 
     ("bad", "message"),
     [
         ({"bbox": [35, 3, 10, 8]}, r"annotation id 9 \(image a.png\) has box .* outside the 40x30 image"),
-        ({"bbox": [2, 3, 0, 8]}, "zero or negative size"),
+        ({"bbox": [2, 3, -1, 8]}, "negative size"),
         ({"category_id": 5}, "unknown category id 5"),
         ({"image_id": 99}, "unknown image id 99"),
-        ({"segmentation": {"size": [10, 10], "counts": "PP1"}}, "mask of size"),
+        ({"segmentation": {"size": [10, 10], "counts": "PP1"}}, r"RLE mask of size \[10, 10\] for a 30x40"),
     ],
 )
 def test_malformed_annotations_are_named(tmp_path: Path, bad: dict, message: str) -> None:

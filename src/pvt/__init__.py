@@ -27,6 +27,7 @@ def __getattr__(name: str) -> object:
         return importlib.import_module(f"pvt.{name}")
     raise AttributeError(f"module 'pvt' has no attribute {name!r}")
 
+
 __all__ = [
     "CheckpointError",
     "Complexity",

@@ -373,7 +373,7 @@ def plots(rows: list[Row], out_dir: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from pvt.checkpoint.io import atomic_write
+    from pvt.io import atomic_write
 
     written = []
     scaling = [r for r in rows if r.suite == "scaling"]
@@ -414,7 +414,7 @@ def plots(rows: list[Row], out_dir: Path) -> list[Path]:
 
 def run(settings: Settings, out_dir: str | Path) -> Path:
     """Run the chosen suites; write ``RESULTS.md``, ``results.json`` and the plots to ``out_dir``."""
-    from pvt.checkpoint.io import atomic_write
+    from pvt.io import atomic_write
 
     torch.set_num_threads(settings.threads)
     torch.manual_seed(0)

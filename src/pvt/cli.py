@@ -12,10 +12,10 @@ from typing import Any
 
 from pvt.checkpoint import CheckpointError, infer_arch, load_checkpoint, read_state_dict, save_safetensors
 from pvt.checkpoint.loader import check_finite
-from pvt.checkpoint.io import atomic_write
 from pvt.complexity import complexity
 from pvt.engine.presets import list_presets
 from pvt.engine.trainer import NonFiniteLoss
+from pvt.io import atomic_write
 from pvt.models import create_model, list_models
 from pvt.runtime import keep_freed_memory
 from pvt.tasks import TASKS
@@ -40,7 +40,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     if whole_model_task(args.src) is not None:  # a whole detector / segmenter, with its recipe
         if args.arch:
             raise ValueError(f"{args.src}: --arch is for backbones; a whole model names its own backbone")
-        print(convert_whole_model(args.src, args.dst))
+        print(convert_whole_model(args.src, args.dst, allow_nonfinite=args.allow_nonfinite))
         return 0
     src = read_state_dict(args.src)
     sd = src.state_dict

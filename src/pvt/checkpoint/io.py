@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
-import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +13,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from pvt.checkpoint.layouts import CheckpointError, StateDict, unwrap
+from pvt.io import atomic_write
 
 FORMAT_NAME = "pvt-vision"
 FORMAT_VERSION = "1"
@@ -99,22 +99,6 @@ def openmmlab_class_names(obj: Any) -> list[str] | None:
     return None
 
 
-def atomic_write(path: str | os.PathLike[str], write: Callable[[str], object]) -> None:
-    """Call ``write(tmp_path)``, fsync, then rename over ``path``: readers never see a partial file."""
-    dst = Path(path)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, dst)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_safetensors(
     sd: StateDict,
     path: str | os.PathLike[str],
@@ -132,8 +116,3 @@ def save_safetensors(
         meta["arch"] = arch
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in sd.items()}
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
-
-
-def save_png(picture: Any, path: str | os.PathLike[str]) -> None:
-    """Write a PIL image as PNG, atomically."""
-    atomic_write(path, lambda tmp: picture.save(tmp, "PNG"))

@@ -150,11 +150,36 @@ def read_state_dict(source: str | os.PathLike[str] | Mapping[str, object]) -> So
     return Source(official, layout, name, ignored)
 
 
+def check_finite(sd: Mapping[str, object], source: str) -> None:
+    """Refuse weights holding NaN or Inf, naming a few of the tensors, how many there are, and ``source``.
+
+    Only floating (and complex) tensors are looked at: integer buffers such as BatchNorm's
+    ``num_batches_tracked`` cannot hold either. A diverged run's weights would otherwise load
+    silently and turn every prediction into NaN (or train on from garbage).
+    """
+    bad: list[tuple[str, int, int]] = []  # (key, non-finite values, all values)
+    for k, v in sd.items():
+        if not isinstance(v, Tensor) or v.is_meta or not (v.is_floating_point() or v.is_complex()):
+            continue
+        finite = torch.isfinite(v)
+        if not bool(finite.all()):
+            bad.append((k, int(finite.numel() - finite.sum()), v.numel()))
+    if not bad:
+        return
+    shown = ", ".join(f"{k} ({n} of {total})" for k, n, total in bad[:3])
+    more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+    raise CheckpointError(
+        f"{source}: {len(bad)} tensor(s) hold NaN or Inf values: {shown}{more} (weights of a run that "
+        "diverged?); to load them anyway pass allow_nonfinite=True (pvt: --allow-nonfinite)"
+    )
+
+
 def load_checkpoint(
     model: nn.Module,
     source: str | os.PathLike[str] | Mapping[str, object],
     *,
     strict: bool = True,
+    allow_nonfinite: bool = False,
 ) -> LoadReport:
     """Load any supported checkpoint into a PVT model and report what happened.
 
@@ -162,10 +187,13 @@ def load_checkpoint(
     its new head), dropping v1's ``cls_token`` / ``norm`` / ``head`` for a features-only model,
     leaving a head at init when the checkpoint has none, and resizing v1 position tables.
     Raises ``CheckpointError`` for anything else that does not fit, and always when less than
-    90% of the backbone's tensors would load.
+    90% of the backbone's tensors would load, and (unless ``allow_nonfinite``) when a tensor holds
+    NaN or Inf (``check_finite``).
     """
     src = read_state_dict(source)
     sd = src.state_dict
+    if not allow_nonfinite:
+        check_finite(sd, src.name)
     report = LoadReport(src.name, src.layout, arch=infer_arch(sd), ignored=src.ignored)
     target = model.state_dict()
 
@@ -236,9 +264,16 @@ def _mismatch_message(model: nn.Module, report: LoadReport, coverage: float, str
     return msg + " Build the matching architecture, or pass strict=False to load the matching part."
 
 
-def load_whole_model(model: nn.Module, source: str | os.PathLike[str] | Mapping[str, Tensor], what: str) -> None:
+def load_whole_model(
+    model: nn.Module,
+    source: str | os.PathLike[str] | Mapping[str, Tensor],
+    what: str,
+    *,
+    allow_nonfinite: bool = False,
+) -> None:
     """Load a whole task model's weights (a run's ``model.safetensors``) exactly, or refuse with a
-    message naming the file, ``what`` it should be, and where backbone-only weights go."""
+    message naming the file, ``what`` it should be, and where backbone-only weights go. NaN / Inf
+    tensors are refused unless ``allow_nonfinite`` (``check_finite``)."""
     if isinstance(source, Mapping):
         sd, name = dict(source), "state dict"
     else:
@@ -256,4 +291,6 @@ def load_whole_model(model: nn.Module, source: str | os.PathLike[str] | Mapping[
             f"{name}: not {what} ({len(missing)} missing, {len(unexpected)} unexpected, {len(shapes)} of another "
             f"shape, e.g. {(missing or unexpected or shapes)[:3]}); for backbone weights use model.backbone_checkpoint"
         )
+    if not allow_nonfinite:
+        check_finite(sd, name)
     model.load_state_dict(sd)

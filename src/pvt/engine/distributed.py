@@ -65,10 +65,10 @@ def init_distributed(device_pref: str = "auto", timeout_s: float = 1800.0) -> Di
         if restart != "0":
             # torchrun keeps its store across restarts, with the last attempt's addresses in it:
             # the restarted processes meet in a key space of their own.
-            base = dist.TCPStore(
+            base = dist.TCPStore(  # type: ignore[attr-defined]
                 os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False, timeout=timeout
             )
-            store = dist.PrefixStore(f"pvt/restart{restart}", base)
+            store = dist.PrefixStore(f"pvt/restart{restart}", base)  # type: ignore[attr-defined]
             dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world, timeout=timeout)
         else:
             dist.init_process_group(backend=backend, timeout=timeout)

@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, Dataset
 
-from pvt.checkpoint.io import atomic_write, save_safetensors
+from pvt.checkpoint.io import save_safetensors
 from pvt.engine import state as ckpt
 from pvt.engine.config import Recipe
 from pvt.engine.data import ResumableSampler, SeededDataset
@@ -39,6 +39,7 @@ from pvt.engine.distributed import (
 )
 from pvt.engine.optim import Schedule, build_optimizer, scaled_lr
 from pvt.engine.task import LoaderConfig, Task
+from pvt.io import atomic_write
 
 
 def set_determinism(seed: int, deterministic: bool) -> None:

@@ -19,6 +19,7 @@ def create_model(
     out_indices: Sequence[int] = (0, 1, 2, 3),
     drop_path_rate: float | None = None,
     strict: bool = True,
+    allow_nonfinite: bool = False,
     **kwargs: object,
 ) -> PyramidBackbone:
     """Build a registered model (``pvt.list_models()``).
@@ -32,6 +33,7 @@ def create_model(
             ``model.pretrained_source``. A head of another class count starts fresh.
         checkpoint: a ``.pth``/``.bin``/``.safetensors`` path or a state dict in any supported
             layout (see ``pvt.load_checkpoint``); the load report is kept as ``model.load_report``.
+            Weights holding NaN or Inf are refused unless ``allow_nonfinite=True``.
         features_only: return ``[B, C_i, H/s_i, W/s_i]`` maps (strides 4, 8, 16, 32) for
             ``out_indices`` instead of logits; ``model.feature_info`` describes them.
         drop_path_rate: stochastic depth; None keeps 0.0 (the ImageNet recipe's rate per
@@ -62,6 +64,6 @@ def create_model(
     if checkpoint is not None:
         from pvt.checkpoint import load_checkpoint  # beside the models; imported on use
 
-        model.load_report = load_checkpoint(model, checkpoint, strict=strict)
+        model.load_report = load_checkpoint(model, checkpoint, strict=strict, allow_nonfinite=allow_nonfinite)
     model.pretrained_source = source
     return model

@@ -87,7 +87,7 @@ def recipe_of(path: str | os.PathLike[str]) -> dict[str, Any] | None:
     return json.loads(text) if text else None
 
 
-def convert_whole_model(src: str, dst: str) -> str:
+def convert_whole_model(src: str, dst: str, *, allow_nonfinite: bool = False) -> str:
     """Convert a whole detector / segmenter file (mmdetection, mmsegmentation, the authors' or this
     project's) into this project's safetensors with its recipe; returns a report for people.
 
@@ -102,14 +102,14 @@ def convert_whole_model(src: str, dst: str) -> str:
     if task == "detection":
         from pvt.tasks.detection.convert import convert_detector
 
-        det = convert_detector(src, dst)
+        det = convert_detector(src, dst, allow_nonfinite=allow_nonfinite)
         model = {"name": det.backbone, "detector": det.detector, "num_classes": det.num_classes}
         model["semantics"] = det.semantics
         own, report = det.source_format == FORMAT_NAME, str(det.report)
     elif task == "segmentation":
         from pvt.tasks.segmentation.convert import convert_segmenter
 
-        seg, load_report = convert_segmenter(src, dst)
+        seg, load_report = convert_segmenter(src, dst, allow_nonfinite=allow_nonfinite)
         model = {"name": seg.backbone, "num_classes": seg.num_classes}
         own, report = seg.backbone_layout == FORMAT_NAME, str(load_report or f"{src}: {len(seg.state_dict)} tensors")
     else:

@@ -14,11 +14,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from pvt.checkpoint.io import atomic_write
 from pvt.datasets.files import expand_inputs
 from pvt.engine.config import Recipe
 from pvt.engine.distributed import DistInfo, all_reduce_sum
 from pvt.engine.task import Task
+from pvt.io import atomic_write
 from pvt.models import create_model
 from pvt.tasks.classification.data import (
     ClassificationData,
@@ -50,6 +50,7 @@ class ClassificationTask(Task):
             drop_path_rate=m.drop_path_rate,
             pretrained=m.pretrained,
             checkpoint=m.checkpoint,
+            allow_nonfinite=m.allow_nonfinite,
             **kwargs,
         )
         if model.load_report is not None:

@@ -54,7 +54,7 @@ from pvt.checkpoint.io import (
     save_safetensors,
 )
 from pvt.checkpoint.layouts import CheckpointError, StateDict, detect_layout, strip_module_prefix, to_official, unwrap
-from pvt.checkpoint.loader import infer_arch
+from pvt.checkpoint.loader import check_finite, infer_arch
 from pvt.models.layers import EMBED_NORM_EPS, MMDET_EMBED_NORM_EPS
 
 # Backbone tensors an ImageNet classifier has and a detection backbone does not.
@@ -124,8 +124,9 @@ class DetectorCheckpoint:
             )
         return semantics or self.semantics, self.embed_norm_eps if embed_norm_eps is None else embed_norm_eps
 
-    def load_into(self, model: nn.Module) -> None:
-        """Load every tensor into ``model`` exactly (same keys, same shapes) or raise naming the file."""
+    def load_into(self, model: nn.Module, *, allow_nonfinite: bool = False) -> None:
+        """Load every tensor into ``model`` exactly (same keys, same shapes) or raise naming the file;
+        NaN / Inf tensors are refused unless ``allow_nonfinite`` (``pvt.checkpoint.loader.check_finite``)."""
         target = model.state_dict()
         missing = [k for k in target if k not in self.state_dict]
         unexpected = [k for k in self.state_dict if k not in target]
@@ -143,6 +144,8 @@ class DetectorCheckpoint:
                 + "; ".join(detail)
                 + " (a different fpn_channels, head_norm or head_width than the file's?)"
             )
+        if not allow_nonfinite:
+            check_finite(self.state_dict, self.source)
         model.load_state_dict(self.state_dict)
 
     def metadata(self) -> dict[str, str]:
@@ -374,10 +377,15 @@ def _refuse_backbone_only(sd: StateDict, source: str) -> None:
     )
 
 
-def convert_detector(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> DetectorCheckpoint:
+def convert_detector(
+    src: str | os.PathLike[str], dst: str | os.PathLike[str], *, allow_nonfinite: bool = False
+) -> DetectorCheckpoint:
     """Convert a whole-detector file to this project's safetensors (written atomically), with
-    metadata: detector, backbone, num_classes, semantics, embed_norm_eps and class names."""
+    metadata: detector, backbone, num_classes, semantics, embed_norm_eps and class names. Weights
+    holding NaN / Inf are refused unless ``allow_nonfinite``."""
     ckpt = read_detector_checkpoint(src)
+    if not allow_nonfinite:
+        check_finite(ckpt.state_dict, str(src))
     meta = ckpt.metadata()
     save_safetensors(ckpt.state_dict, dst, arch=meta.pop("arch"), metadata=meta)
     return ckpt

@@ -138,6 +138,7 @@ def backbone_fpn(
     freeze_stages: int = 0,
     resnet_norm: type[nn.Module] = FrozenBatchNorm2d,
     embed_norm_eps: float | None = None,
+    allow_nonfinite: bool = False,
 ) -> BackboneFPN:
     """PVT (``features_only``) or ResNet body for the given stages (0 = stride 4) with an FPN.
 
@@ -166,6 +167,7 @@ def backbone_fpn(
             drop_path_rate=drop_path_rate,
             pretrained=backbone_pretrained,
             checkpoint=checkpoint,
+            allow_nonfinite=allow_nonfinite,
             **eps,
         )
         if freeze_stages:
@@ -215,7 +217,14 @@ def _check_kwargs(builder: Callable[..., Any], detector: type, kwargs: dict[str,
     raise TypeError(f"{builder.__name__}() got unexpected keyword argument(s): {', '.join(hints)}")
 
 
-def _finish(model: Any, arch: str, mmdet: bool, embed_norm_eps: float | None, ckpt: DetectorCheckpoint | None) -> Any:
+def _finish(
+    model: Any,
+    arch: str,
+    mmdet: bool,
+    embed_norm_eps: float | None,
+    ckpt: DetectorCheckpoint | None,
+    allow_nonfinite: bool = False,
+) -> Any:
     """Name the built detector, record how it computes, and load the whole-detector file if any."""
     model.arch = arch
     model.semantics = "mmdet" if mmdet else "torchvision"
@@ -223,7 +232,7 @@ def _finish(model: Any, arch: str, mmdet: bool, embed_norm_eps: float | None, ck
     # Kept in the header of the weights a training run writes, so the file rebuilds the same model.
     model.checkpoint_metadata = {"semantics": model.semantics, "embed_norm_eps": repr(model.embed_norm_eps)}
     if ckpt is not None:
-        ckpt.load_into(model)
+        ckpt.load_into(model, allow_nonfinite=allow_nonfinite)
         model.class_names = ckpt.class_names
     return model
 
@@ -280,6 +289,7 @@ def retinanet(
     semantics: str | None = None,
     embed_norm_eps: float | None = None,
     octave_base_scale: float = 4.0,
+    allow_nonfinite: bool = False,
     **kwargs: object,
 ) -> RetinaNet:
     """RetinaNet (focal loss, 9 anchors per location) on C3-C5 + P6 (from C5) + P7.
@@ -294,6 +304,7 @@ def retinanet(
     ``pvt.tasks.detection.mmdet_compat``); None takes the checkpoint's. ``embed_norm_eps``: the
     PVT's patch-embedding / spatial-reduction LayerNorm eps (None: the checkpoint's, else 1e-5).
     ``octave_base_scale`` sizes the mmdet anchors (``anchor_sizes`` is torchvision's form).
+    ``allow_nonfinite``: load ``checkpoint`` / ``backbone_checkpoint`` even if it holds NaN or Inf.
     Extra ``kwargs`` go to torchvision's ``RetinaNet`` (score thresholds, detections per image...).
     """
     _check_kwargs(retinanet, RetinaNet, kwargs)
@@ -312,6 +323,7 @@ def retinanet(
         drop_path_rate=drop_path_rate,
         freeze_stages=freeze_stages,
         embed_norm_eps=embed_norm_eps,
+        allow_nonfinite=allow_nonfinite,
     )
     anchors: AnchorGenerator
     if mmdet:
@@ -347,7 +359,7 @@ def retinanet(
     )
     if mmdet:
         model.transform = MMDetTransform(min_size, max_size)
-    return _finish(model, f"retinanet_{backbone}", mmdet, embed_norm_eps, ckpt)
+    return _finish(model, f"retinanet_{backbone}", mmdet, embed_norm_eps, ckpt, allow_nonfinite)
 
 
 def mask_rcnn(
@@ -368,6 +380,7 @@ def mask_rcnn(
     head_width: int | None = None,
     semantics: str | None = None,
     embed_norm_eps: float | None = None,
+    allow_nonfinite: bool = False,
     **kwargs: object,
 ) -> MaskRCNN:
     """Mask R-CNN on C2-C5 + P6 (max-pool), RoIAlign 7 for boxes and 14 for masks.
@@ -382,7 +395,8 @@ def mask_rcnn(
     level mapping, RCNN post-process, mask pasting and preprocessing (see
     ``pvt.tasks.detection.mmdet_rcnn``); None takes the checkpoint's. The weights are the same either
     way. ``embed_norm_eps``: the PVT's patch-embedding / spatial-reduction LayerNorm eps (None: the
-    checkpoint's, else the official 1e-5; mmdetection's PVT uses 1e-6).
+    checkpoint's, else the official 1e-5; mmdetection's PVT uses 1e-6). ``allow_nonfinite``: load
+    ``checkpoint`` / ``backbone_checkpoint`` even if it holds NaN or Inf.
     """
     _check_kwargs(mask_rcnn, MaskRCNN, kwargs)
     backbone_weights = backbone_checkpoint is not None or bool(backbone_pretrained)
@@ -400,6 +414,7 @@ def mask_rcnn(
         drop_path_rate=drop_path_rate,
         freeze_stages=freeze_stages,
         embed_norm_eps=embed_norm_eps,
+        allow_nonfinite=allow_nonfinite,
     )
     sizes = tuple(tuple(s) for s in anchor_sizes) if anchor_sizes else ((32,), (64,), (128,), (256,), (512,))
     anchors = (
@@ -429,4 +444,4 @@ def mask_rcnn(
     )
     if mmdet:
         to_mmdet_semantics(model)
-    return _finish(model, f"mask_rcnn_{backbone}", mmdet, embed_norm_eps, ckpt)
+    return _finish(model, f"mask_rcnn_{backbone}", mmdet, embed_norm_eps, ckpt, allow_nonfinite)

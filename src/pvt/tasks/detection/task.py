@@ -13,10 +13,10 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from pvt.checkpoint.io import atomic_write, save_png
 from pvt.engine.config import ModelConfig, Recipe
 from pvt.engine.distributed import DistInfo, gather_objects
 from pvt.engine.task import Task
+from pvt.io import atomic_write, save_png
 from pvt.tasks.detection.coco import COCO_CATEGORY_IDS, COCO_CLASSES
 from pvt.tasks.detection.data import CocoDetection, DetectionData, coco_paths, collate
 from pvt.tasks.detection.evaluate import STAT_NAMES, coco_evaluate, to_coco_results
@@ -62,6 +62,7 @@ def build_detector(m: DetectionModel) -> nn.Module:
         pretrained=False if m.checkpoint else m.pretrained,
         semantics=m.semantics,
         embed_norm_eps=m.embed_norm_eps,
+        allow_nonfinite=m.allow_nonfinite,
         backbone_checkpoint=None if whole else m.backbone_checkpoint,
         backbone_pretrained=False if whole else m.backbone_pretrained,  # a whole detector replaces them
         drop_path_rate=m.drop_path_rate,

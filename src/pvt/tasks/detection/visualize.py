@@ -10,7 +10,7 @@ from PIL import Image
 from torch import nn
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
-from pvt.checkpoint.io import save_png
+from pvt.io import save_png
 from pvt.tasks.detection.data import CocoDetection
 
 

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from pvt.checkpoint import CheckpointError, LoadReport, detect_layout, infer_arch, load_checkpoint, to_official
 from pvt.checkpoint.layouts import strip_module_prefix, unwrap
+from pvt.checkpoint.loader import check_finite
 from pvt.models.layers import EMBED_NORM_EPS, MMDET_EMBED_NORM_EPS
 
 _IGNORED_PREFIXES = {"auxiliary_head.": "auxiliary head (training-only loss branch)"}
@@ -110,16 +111,19 @@ def convert_semantic_fpn(
     return SegmenterCheckpoint(source, arch, layout, num_classes, eps, out, class_names, ignored)
 
 
-def load_semantic_fpn(model: nn.Module, ckpt: SegmenterCheckpoint) -> LoadReport:
+def load_semantic_fpn(model: nn.Module, ckpt: SegmenterCheckpoint, *, allow_nonfinite: bool = False) -> LoadReport:
     """Load a converted checkpoint into a ``SemanticFPN`` built for its backbone and class count.
 
     The backbone goes through the strict PVT loader (its report is returned: position tables
     resized to the model's grid, v1's unused classification tensors named); the FPN and head must
-    match exactly.
+    match exactly. NaN / Inf tensors are refused, naming the file, unless ``allow_nonfinite``.
     """
+    if not allow_nonfinite:
+        check_finite(ckpt.state_dict, ckpt.source)
     body = {k[len("backbone.body.") :]: v for k, v in ckpt.state_dict.items() if k.startswith("backbone.body.")}
     rest = {k: v for k, v in ckpt.state_dict.items() if not k.startswith("backbone.body.")}
-    report = load_checkpoint(model.backbone.body, body, strict=True)  # type: ignore[union-attr,arg-type]
+    # Already checked above, under the file's name (the backbone loader sees a bare state dict).
+    report = load_checkpoint(model.backbone.body, body, strict=True, allow_nonfinite=True)  # type: ignore[union-attr,arg-type]
     report.source, report.layout = ckpt.source, f"mmseg ({ckpt.backbone_layout} backbone)"
     target = {k for k in model.state_dict() if not k.startswith("backbone.body.")}
     missing, unexpected = sorted(target - set(rest)), sorted(set(rest) - target)
@@ -174,7 +178,9 @@ def read_whole_segmenter(path: str) -> SegmenterCheckpoint:
     )
 
 
-def convert_segmenter(src: str, dst: str) -> tuple[SegmenterCheckpoint, LoadReport | None]:
+def convert_segmenter(
+    src: str, dst: str, *, allow_nonfinite: bool = False
+) -> tuple[SegmenterCheckpoint, LoadReport | None]:
     """Write a whole Semantic FPN file as this project's safetensors, load-checked first.
 
     The header keeps what building it again needs: ``task``, ``backbone``, ``num_classes``,
@@ -186,7 +192,7 @@ def convert_segmenter(src: str, dst: str) -> tuple[SegmenterCheckpoint, LoadRepo
     ckpt = read_whole_segmenter(src)
     if ckpt.backbone is None:
         raise CheckpointError(f"{src}: its backbone is not named in the file; nothing to convert it to")
-    model = semantic_fpn(ckpt.backbone, ckpt.num_classes, checkpoint=src)
+    model = semantic_fpn(ckpt.backbone, ckpt.num_classes, checkpoint=src, allow_nonfinite=allow_nonfinite)
     meta = {
         "task": "segmentation",
         "backbone": ckpt.backbone,

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from pvt.checkpoint import CheckpointError
 from pvt.checkpoint.io import FORMAT_NAME
-from pvt.checkpoint.loader import load_whole_model
+from pvt.checkpoint.loader import check_finite, load_whole_model
 from pvt.tasks.detection.models import IMAGE_MEAN, IMAGE_STD, BackboneFPN, backbone_fpn
 from pvt.tasks.segmentation.convert import load_semantic_fpn, read_whole_segmenter
 
@@ -110,6 +110,7 @@ def semantic_fpn(
     norm: Callable[[int], nn.Module] = nn.BatchNorm2d,
     checkpoint: str | None = None,
     pretrained: bool | str = False,
+    allow_nonfinite: bool = False,
 ) -> SemanticFPN:
     """Semantic FPN on any registered PVT or ``resnet18`` / ``resnet50`` / ``resnet101``.
 
@@ -120,6 +121,7 @@ def semantic_fpn(
     and class count must be the file's (an error says which). ``model.load_report`` tells what
     was loaded and what was deliberately left out. ``pretrained``: the published ADE20K model for
     ``backbone`` (True or a tag of ``pvt weights``), fetched into the cache where it can be.
+    ``allow_nonfinite``: load ``checkpoint`` / ``backbone_checkpoint`` even if it holds NaN or Inf.
     """
     if pretrained:
         if checkpoint is not None:
@@ -137,6 +139,8 @@ def semantic_fpn(
             )
         if backbone_checkpoint is not None:
             raise ValueError("pass either checkpoint (a whole model) or backbone_checkpoint, not both")
+        if not allow_nonfinite:  # before building: the message names the file, not a state dict
+            check_finite(whole.state_dict, whole.source)
     bb = backbone_fpn(
         backbone,
         (0, 1, 2, 3),
@@ -148,13 +152,15 @@ def semantic_fpn(
         freeze_stages=freeze_stages,
         resnet_norm=nn.BatchNorm2d,
         embed_norm_eps=whole.embed_norm_eps if whole is not None else None,
+        allow_nonfinite=allow_nonfinite,
     )
     model = SemanticFPN(bb, SemanticFPNHead(fpn_channels, num_classes, head_channels, dropout, norm=norm))
     model.arch = f"semantic_fpn_{backbone}"  # type: ignore[assignment]
     if whole is not None:
         if whole.backbone_layout == FORMAT_NAME:  # this project's own names: an exact load
-            load_whole_model(model, whole.state_dict, f"a Semantic FPN on {backbone} with {num_classes} classes")
+            what = f"a Semantic FPN on {backbone} with {num_classes} classes"
+            load_whole_model(model, whole.state_dict, what, allow_nonfinite=True)  # checked above
         else:
-            model.load_report = load_semantic_fpn(model, whole)  # type: ignore[assignment]
+            model.load_report = load_semantic_fpn(model, whole, allow_nonfinite=True)  # type: ignore[assignment]
         model.class_names = whole.class_names  # type: ignore[assignment]
     return model

@@ -14,10 +14,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from pvt.checkpoint.io import save_png
 from pvt.engine.config import ModelConfig, Recipe
 from pvt.engine.distributed import DistInfo, all_reduce_sum
 from pvt.engine.task import Task
+from pvt.io import save_png
 from pvt.tasks.segmentation.data import (
     SegmentationData,
     SegmentationFolder,
@@ -53,6 +53,7 @@ def build_segmenter(m: SegmentationModel) -> nn.Module:
         m.num_classes,
         checkpoint=m.checkpoint,
         pretrained=False if m.checkpoint else m.pretrained,  # --pretrained [TAG]: the published model
+        allow_nonfinite=m.allow_nonfinite,
         backbone_checkpoint=m.backbone_checkpoint,
         backbone_pretrained=m.backbone_pretrained,
         drop_path_rate=m.drop_path_rate,

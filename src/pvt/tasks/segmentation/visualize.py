@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from pvt.checkpoint.io import save_png
+from pvt.io import save_png
 from pvt.tasks.segmentation.data import SegmentationFolder
 from pvt.tasks.segmentation.inference import predict_labels
 from pvt.tasks.segmentation.task import overlay, palette
