@@ -45,3 +45,14 @@ def train_two_ranks(out: Path, cache: Path, task: str, preset: str, sets: list[s
     for k in r0:
         assert torch.equal(r0[k], r1[k]), k
     return json.loads((out / "run" / "final.json").read_text())  # type: ignore[no-any-return]
+
+
+@pytest.fixture(scope="module")
+def digits_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A PVT_CACHE folder holding the digits preset's exported images (one per test module)."""
+    from pvt.tasks.classification import export_digits
+
+    root = tmp_path_factory.mktemp("cache")
+    os.environ["PVT_CACHE"] = str(root)
+    export_digits()
+    return root

@@ -18,31 +18,23 @@ from safetensors.torch import load_file
 
 import pvt
 from pvt.cli import main as cli_main
-from pvt.tasks.classification import CheckedImageFolder, DataError, export_digits
+from pvt.tasks.classification import CheckedImageFolder, DataError
 
 REPO = Path(__file__).resolve().parent.parent
 # Small, fast settings on the embedded digits preset.
 QUICK = ["train.progress=false", "train.log_every=1", "data.eval_batch_size=360"]
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("cache")
-    os.environ["PVT_CACHE"] = str(root)
-    export_digits()
-    return root
-
-
-def _env(cache: Path) -> dict[str, str]:
-    return {**os.environ, "PVT_CACHE": str(cache), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+def _env(digits_cache: Path) -> dict[str, str]:
+    return {**os.environ, "PVT_CACHE": str(digits_cache), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 
 
 def _sets(*items: str) -> list[str]:
     return [arg for item in (*QUICK, *items) for arg in ("--set", item)]
 
 
-def test_digits_export(cache: Path) -> None:
-    root = cache / "digits"
+def test_digits_export(digits_cache: Path) -> None:
+    root = digits_cache / "digits"
     train = CheckedImageFolder(root / "train")
     val = CheckedImageFolder(root / "val", classes=train.classes)
     assert train.classes == [str(i) for i in range(10)]
@@ -50,7 +42,9 @@ def test_digits_export(cache: Path) -> None:
     assert Image.open(train.samples[0][0]).size == (8, 8)
 
 
-def test_short_run_then_eval_predict_plot(cache: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_short_run_then_eval_predict_plot(
+    digits_cache: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     run = tmp_path / "run"
     args = ["train", "classification", "--preset", "digits", "--output", str(run)]
     assert cli_main([*args, *_sets("schedule.iterations=6", "schedule.warmup_iters=1", "data.batch_size=64")]) == 0
@@ -78,7 +72,7 @@ def test_short_run_then_eval_predict_plot(cache: Path, tmp_path: Path, capsys: p
     evaluated = json.loads(capsys.readouterr().out)
     assert evaluated["top1"] == pytest.approx(final["top1"], abs=1e-3)
 
-    image = next((cache / "digits" / "val" / "3").iterdir())
+    image = next((digits_cache / "digits" / "val" / "3").iterdir())
     out = tmp_path / "pred"
     assert cli_main(["predict", "classification", "--checkpoint", str(run / "model.safetensors"),
                      "--out", str(out), str(image)]) == 0  # fmt: skip
@@ -88,7 +82,7 @@ def test_short_run_then_eval_predict_plot(cache: Path, tmp_path: Path, capsys: p
     assert json.loads((out / "predictions.json").read_text())[0]["top5"] == pred["top5"]
 
 
-def test_bf16_ema_accumulation_and_freezing(cache: Path, tmp_path: Path) -> None:
+def test_bf16_ema_accumulation_and_freezing(digits_cache: Path, tmp_path: Path) -> None:
     run = tmp_path / "opts"
     sets = _sets("schedule.iterations=3", "schedule.warmup_iters=1", "data.batch_size=16", "train.amp=bf16",
                  "train.ema_decay=0.9", "optim.accum_steps=2", "model.freeze_stages=1", "optim.clip_grad=1.0",
@@ -113,8 +107,8 @@ def _train_cmd(run: Path, *extra: str) -> list[str]:
             "--output", str(run), *sets, *extra]  # fmt: skip
 
 
-def test_exact_resume_after_sigkill(cache: Path, tmp_path: Path) -> None:
-    env = _env(cache)
+def test_exact_resume_after_sigkill(digits_cache: Path, tmp_path: Path) -> None:
+    env = _env(digits_cache)
     ref = tmp_path / "ref"
     subprocess.run(_train_cmd(ref), env=env, check=True, capture_output=True, cwd=REPO, timeout=600)
 
@@ -141,11 +135,11 @@ def test_exact_resume_after_sigkill(cache: Path, tmp_path: Path) -> None:
     assert strip(lines) == strip(ref_lines)  # no duplicated or missing records
 
 
-def test_sigterm_checkpoints_and_exits(cache: Path, tmp_path: Path) -> None:
+def test_sigterm_checkpoints_and_exits(digits_cache: Path, tmp_path: Path) -> None:
     run = tmp_path / "term"
     proc = subprocess.Popen(
         _train_cmd(run, "--set", "schedule.iterations=200"),
-        env=_env(cache),
+        env=_env(digits_cache),
         cwd=REPO,
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
@@ -165,12 +159,12 @@ def test_sigterm_checkpoints_and_exits(cache: Path, tmp_path: Path) -> None:
     assert torch.load(saved[-1], weights_only=True)["iteration"] == stopped_at
 
 
-def test_two_process_ddp_trains_in_step(cache: Path, tmp_path: Path) -> None:
+def test_two_process_ddp_trains_in_step(digits_cache: Path, tmp_path: Path) -> None:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(REPO / "tests" / "ddp_worker.py"), str(tmp_path), "classification", "digits", *QUICK,
            "schedule.iterations=4", "schedule.warmup_iters=1", "data.batch_size=32",
            "train.progress=false"]  # fmt: skip
-    done = subprocess.run(cmd, env=_env(cache), capture_output=True, text=True, cwd=REPO, timeout=600)
+    done = subprocess.run(cmd, env=_env(digits_cache), capture_output=True, text=True, cwd=REPO, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
     info = json.loads((tmp_path / "rank0.json").read_text())

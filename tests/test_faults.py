@@ -13,19 +13,10 @@ import torch
 
 from pvt.cli import main as cli_main
 from pvt.engine import state as ckpt_state
-from pvt.tasks.classification import export_digits
 
 QUICK = ["train.progress=false", "train.log_every=1", "data.eval_batch_size=360", "data.batch_size=64",
          "schedule.warmup_iters=1", "train.checkpoint_every=2", "train.keep_checkpoints=3",
          "data.workers=0"]  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("cache")
-    os.environ["PVT_CACHE"] = str(root)
-    export_digits()
-    return root
 
 
 def _train(run: Path, iterations: int, *extra: str) -> int:
@@ -33,13 +24,13 @@ def _train(run: Path, iterations: int, *extra: str) -> int:
     return cli_main(["train", "classification", "--preset", "digits", "--output", str(run), *sets, *extra])
 
 
-def test_resume_into_an_empty_folder_starts_from_scratch(cache: Path, tmp_path: Path, capsys) -> None:
+def test_resume_into_an_empty_folder_starts_from_scratch(digits_cache: Path, tmp_path: Path, capsys) -> None:
     assert _train(tmp_path / "first", 2, "--resume") == 0  # a first elastic start passes --resume too
     assert "starting from scratch" in capsys.readouterr().out
     assert (tmp_path / "first" / "model.safetensors").is_file()
 
 
-def test_a_truncated_latest_checkpoint_is_skipped(cache: Path, tmp_path: Path, capsys) -> None:
+def test_a_truncated_latest_checkpoint_is_skipped(digits_cache: Path, tmp_path: Path, capsys) -> None:
     run = tmp_path / "run"
     assert _train(run, 4) == 0
     found = ckpt_state.list_checkpoints(run)
@@ -57,7 +48,7 @@ def test_a_truncated_latest_checkpoint_is_skipped(cache: Path, tmp_path: Path, c
     assert "no readable checkpoint to resume from" in capsys.readouterr().err
 
 
-def test_a_full_disk_keeps_the_previous_checkpoint(cache: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+def test_a_full_disk_keeps_the_previous_checkpoint(digits_cache: Path, tmp_path: Path, monkeypatch, capsys) -> None:
     run = tmp_path / "full"
     real_save = torch.save
 
@@ -92,7 +83,7 @@ def _worker_pid(marker: str, rank: int) -> int | None:
 
 
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the worker through /proc")
-def test_a_hung_rank_ends_the_job_after_dist_timeout(cache: Path, tmp_path: Path) -> None:
+def test_a_hung_rank_ends_the_job_after_dist_timeout(digits_cache: Path, tmp_path: Path) -> None:
     """One of two DDP processes stops answering (SIGSTOP): the other gives up after
     train.dist_timeout with a message, instead of waiting forever."""
     import signal
@@ -105,7 +96,7 @@ def test_a_hung_rank_ends_the_job_after_dist_timeout(cache: Path, tmp_path: Path
     sets = [*QUICK, "schedule.iterations=400", "train.dist_timeout=4", "train.checkpoint_every=1000"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(repo / "tests" / "ddp_worker.py"), str(out), "classification", "digits", *sets]  # fmt: skip
-    env = {**os.environ, "PVT_CACHE": str(cache), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "PVT_CACHE": str(digits_cache), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen(cmd, env=env, cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     stopped = None
     try:
@@ -161,7 +152,7 @@ def _elastic_cmd(run: Path, *torchrun: str) -> list[str]:
             *[x for s in sets for x in ("--set", s)]]  # fmt: skip
 
 
-def test_elastic_restart_resumes_both_ranks_bit_for_bit(cache: Path, tmp_path: Path) -> None:
+def test_elastic_restart_resumes_both_ranks_bit_for_bit(digits_cache: Path, tmp_path: Path) -> None:
     """torchrun --max-restarts 1, one rank SIGKILLed mid-epoch: both ranks restart, resume from the
     last checkpoint by themselves, and end with the weights of an uninterrupted two-process run."""
     import signal
@@ -171,7 +162,7 @@ def test_elastic_restart_resumes_both_ranks_bit_for_bit(cache: Path, tmp_path: P
     from safetensors.torch import load_file
 
     repo = Path(__file__).resolve().parent.parent
-    env = {**os.environ, "PVT_CACHE": str(cache), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "PVT_CACHE": str(digits_cache), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     ref = tmp_path / "ref"
     subprocess.run(_elastic_cmd(ref), env=env, cwd=repo, check=True, capture_output=True, timeout=600)
     run = tmp_path / "elastic"

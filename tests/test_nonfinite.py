@@ -21,19 +21,10 @@ from pvt.cli import main as cli_main
 from pvt.engine import load_recipe
 from pvt.engine.presets import load_preset
 from pvt.tasks import get_task
-from pvt.tasks.classification import export_digits
 from pvt.tasks.classification.task import ClassificationTask
 
 REPO = Path(__file__).resolve().parent.parent
 QUICK = ["train.progress=false", "train.log_every=1", "data.eval_batch_size=360"]
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("cache")
-    os.environ["PVT_CACHE"] = str(root)
-    export_digits()
-    return root
 
 
 def _sets(*items: str) -> list[str]:
@@ -74,7 +65,7 @@ def test_create_model_refuses_nan_weights_unless_allowed(tmp_path: Path) -> None
 
 
 def test_cli_eval_refuses_nan_weights_and_allow_nonfinite_loads_them(
-    cache: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    digits_cache: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # A run folder as the trainer leaves it: its recipe beside its weights (one tensor is NaN).
     task = get_task("classification")
@@ -118,7 +109,7 @@ def test_whole_semantic_fpn_with_an_inf_is_refused(tmp_path: Path) -> None:
 
 
 def test_diverging_run_stops_at_the_iteration_and_keeps_earlier_checkpoints(
-    cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    digits_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     real_loss = ClassificationTask.loss
     calls = 0
@@ -183,13 +174,13 @@ except NonFiniteLoss as e:
 """
 
 
-def test_ddp_every_rank_stops_when_one_rank_diverges(cache: Path, tmp_path: Path) -> None:
+def test_ddp_every_rank_stops_when_one_rank_diverges(digits_cache: Path, tmp_path: Path) -> None:
     worker = tmp_path / "worker.py"
     worker.write_text(textwrap.dedent(_WORKER))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(worker),
            str(tmp_path / "run"), *QUICK, "schedule.iterations=4", "schedule.warmup_iters=1", "data.batch_size=16",
            "train.checkpoint_every=1"]  # fmt: skip
-    env = {**os.environ, "PVT_CACHE": str(cache), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "PVT_CACHE": str(digits_cache), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     # A rank left waiting in a collective would hang: the timeout makes that a failure.
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=REPO, timeout=240)
     assert done.returncode != 0
