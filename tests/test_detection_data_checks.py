@@ -208,3 +208,14 @@ def test_boxes_within_a_pixel_are_clipped_and_zero_area_ones_skipped(tmp_path: P
     with pytest.warns(UserWarning, match=r"skipped 1 box\(es\) with no area inside the image"):
         ds = _dataset(tmp_path, coco)
     assert ds[0][1]["boxes"].tolist() == [[47.5, 3.0, 48.0, 11.0]]
+
+
+def test_a_class_count_other_than_the_datas_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Evaluation maps every label to a category id: more classes than categories crashed it."""
+    root = _write(tmp_path / "data", _coco())
+    capsys.readouterr()
+    args = ["train", "detection", "--preset", "shapes-retinanet", "--data", str(root), "--output", str(tmp_path / "r")]
+    sets = [*TRAIN_SETS, "model.num_classes=3"]  # the later value wins
+    assert cli_main([*args, *[x for s in sets for x in ("--set", s)]]) == 2
+    err = capsys.readouterr().err
+    assert "instances_val2017.json: 2 categories, but model.num_classes=3; set --set model.num_classes=2" in err

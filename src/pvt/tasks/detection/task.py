@@ -133,9 +133,11 @@ class DetectionTask(Task):
         )
         train_ds = CocoDetection(*coco_paths(d, "train"), train=True, **kw) if train else None  # type: ignore[arg-type]
         val_ds = CocoDetection(*coco_paths(d, "val"), train=False, **kw)  # type: ignore[arg-type]
-        if len(val_ds.cat_ids) > recipe.model.num_classes:
+        n = len(val_ds.cat_ids)
+        if n != recipe.model.num_classes:  # labels map to category ids one to one, both ways
             raise ValueError(
-                f"the data has {len(val_ds.cat_ids)} categories but model.num_classes={recipe.model.num_classes}"
+                f"{coco_paths(d, 'val')[0]}: {n} categories, but model.num_classes={recipe.model.num_classes}; "
+                f"set --set model.num_classes={n}"
             )
         self._val = val_ds
         return train_ds, val_ds
