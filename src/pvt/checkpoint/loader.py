@@ -264,6 +264,21 @@ def _mismatch_message(model: nn.Module, report: LoadReport, coverage: float, str
     return msg + " Build the matching architecture, or pass strict=False to load the matching part."
 
 
+def misfit(target: Mapping[str, Tensor], sd: Mapping[str, Tensor]) -> str:
+    """How ``sd`` fails to fit ``target`` key for key and shape for shape ("" when it fits exactly):
+    the counts of missing, unexpected and other-shaped tensors, a few of each named."""
+    missing = [k for k in target if k not in sd]
+    unexpected = [k for k in sd if k not in target]
+    shapes = [
+        f"{k} {list(v.shape)} vs {list(target[k].shape)}"
+        for k, v in sd.items()
+        if k in target and v.shape != target[k].shape
+    ]
+    parts = [f"{len(found)} {what} (e.g. {', '.join(found[:3])})" for what, found in
+             (("missing", missing), ("unexpected", unexpected), ("of another shape", shapes)) if found]  # fmt: skip
+    return "; ".join(parts)
+
+
 def load_whole_model(
     model: nn.Module,
     source: str | os.PathLike[str] | Mapping[str, Tensor],
@@ -278,19 +293,9 @@ def load_whole_model(
         sd, name = dict(source), "state dict"
     else:
         sd, name = read_checkpoint(source)[0], str(source)
-    target = model.state_dict()
-    shapes = [
-        f"{k} {list(v.shape)} vs {list(target[k].shape)}"
-        for k, v in sd.items()
-        if k in target and v.shape != target[k].shape
-    ]
-    missing = [k for k in target if k not in sd]
-    unexpected = [k for k in sd if k not in target]
-    if missing or unexpected or shapes:
-        raise CheckpointError(
-            f"{name}: not {what} ({len(missing)} missing, {len(unexpected)} unexpected, {len(shapes)} of another "
-            f"shape, e.g. {(missing or unexpected or shapes)[:3]}); for backbone weights use model.backbone_checkpoint"
-        )
+    problems = misfit(model.state_dict(), sd)
+    if problems:
+        raise CheckpointError(f"{name}: not {what} ({problems}); for backbone weights use model.backbone_checkpoint")
     if not allow_nonfinite:
         check_finite(sd, name)
     model.load_state_dict(sd)

@@ -54,7 +54,7 @@ from pvt.checkpoint.io import (
     save_safetensors,
 )
 from pvt.checkpoint.layouts import CheckpointError, StateDict, detect_layout, strip_module_prefix, to_official, unwrap
-from pvt.checkpoint.loader import check_finite, infer_arch
+from pvt.checkpoint.loader import check_finite, infer_arch, misfit
 from pvt.models.layers import EMBED_NORM_EPS, MMDET_EMBED_NORM_EPS
 
 # Backbone tensors an ImageNet classifier has and a detection backbone does not.
@@ -127,22 +127,11 @@ class DetectorCheckpoint:
     def load_into(self, model: nn.Module, *, allow_nonfinite: bool = False) -> None:
         """Load every tensor into ``model`` exactly (same keys, same shapes) or raise naming the file;
         NaN / Inf tensors are refused unless ``allow_nonfinite`` (``pvt.checkpoint.loader.check_finite``)."""
-        target = model.state_dict()
-        missing = [k for k in target if k not in self.state_dict]
-        unexpected = [k for k in self.state_dict if k not in target]
-        shapes = [
-            f"{k} {list(v.shape)} vs the model's {list(target[k].shape)}"
-            for k, v in self.state_dict.items()
-            if k in target and v.shape != target[k].shape
-        ]
-        if missing or unexpected or shapes:
-            detail = [f"{len(missing)} missing (e.g. {missing[:3]})"] if missing else []
-            detail += [f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})"] if unexpected else []
-            detail += shapes[:3]
+        problems = misfit(model.state_dict(), self.state_dict)
+        if problems:
             raise CheckpointError(
-                f"{self.source}: does not fit {getattr(model, 'arch', type(model).__name__)}: "
-                + "; ".join(detail)
-                + " (a different fpn_channels, head_norm or head_width than the file's?)"
+                f"{self.source}: does not fit {getattr(model, 'arch', type(model).__name__)}: {problems}"
+                " (a different fpn_channels, head_norm or head_width than the file's?)"
             )
         if not allow_nonfinite:
             check_finite(self.state_dict, self.source)

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from pvt.checkpoint import CheckpointError, LoadReport, detect_layout, infer_arch, load_checkpoint, to_official
 from pvt.checkpoint.layouts import strip_module_prefix, unwrap
-from pvt.checkpoint.loader import check_finite
+from pvt.checkpoint.loader import check_finite, misfit
 from pvt.models.layers import EMBED_NORM_EPS, MMDET_EMBED_NORM_EPS
 
 _IGNORED_PREFIXES = {"auxiliary_head.": "auxiliary head (training-only loss branch)"}
@@ -125,15 +125,12 @@ def load_semantic_fpn(model: nn.Module, ckpt: SegmenterCheckpoint, *, allow_nonf
     # Already checked above, under the file's name (the backbone loader sees a bare state dict).
     report = load_checkpoint(model.backbone.body, body, strict=True, allow_nonfinite=True)  # type: ignore[union-attr,arg-type]
     report.source, report.layout = ckpt.source, f"mmseg ({ckpt.backbone_layout} backbone)"
-    target = {k for k in model.state_dict() if not k.startswith("backbone.body.")}
-    missing, unexpected = sorted(target - set(rest)), sorted(set(rest) - target)
-    shapes = [k for k in target & set(rest) if model.state_dict()[k].shape != rest[k].shape]
-    if missing or unexpected or shapes:
+    target = {k: v for k, v in model.state_dict().items() if not k.startswith("backbone.body.")}
+    problems = misfit(target, rest)
+    if problems:
         raise CheckpointError(
             f"{ckpt.source}: the FPN / head do not fit a Semantic FPN on {ckpt.backbone} with "
-            f"{ckpt.num_classes} classes ({len(missing)} missing, e.g. {missing[:2]}; {len(unexpected)} "
-            f"unexpected, e.g. {unexpected[:2]}; shape mismatches {shapes[:2]}); build it with the "
-            "checkpoint's fpn_channels / head_channels"
+            f"{ckpt.num_classes} classes ({problems}); build it with the checkpoint's fpn_channels / head_channels"
         )
     model.load_state_dict(rest, strict=False)
     report.ignored = [f"{k} ({why})" for k, why in ckpt.ignored.items()]
