@@ -178,8 +178,10 @@ def _convert_backbone(sd: StateDict, source: str, report: ConversionReport) -> t
     return {f"backbone.body.{k}": v for k, v in official.items()}, arch, layout
 
 
-def _convert_neck(sd: StateDict, detector: str, source: str) -> tuple[StateDict, list[str]]:
-    """mmdet FPN -> torchvision ``FeaturePyramidNetwork`` (+ RetinaNet's P6/P7 extra block)."""
+def convert_fpn_neck(sd: StateDict, detector: str, source: str) -> tuple[StateDict, list[str]]:
+    """mmdet / mmseg ``FPN`` -> torchvision ``FeaturePyramidNetwork`` (+ RetinaNet's P6/P7 extra
+    block); returns (tensors, used source keys). ``detector``: ``retinanet``, ``mask_rcnn`` or
+    ``semantic_fpn`` (only RetinaNet has extra convs)."""
     lateral = {int(m.group(2)) for k in sd if (m := _NECK.match(k)) and m.group(1) == "lateral_convs"}
     n_in = len(lateral)
     if n_in == 0 or lateral != set(range(n_in)):
@@ -262,7 +264,7 @@ def convert_mmdet_detector(
             "RetinaNet (bbox_head.retina_cls) and Mask R-CNN (rpn_head + roi_head)"
         )
     out, arch, layout = _convert_backbone(sd, source, report)
-    neck, used = _convert_neck(sd, detector, source)
+    neck, used = convert_fpn_neck(sd, detector, source)
     out.update(neck)
     if detector == "retinanet":
         head, head_used, num_classes = _convert_retina_head(sd, source)
@@ -384,6 +386,7 @@ __all__ = [
     "ConversionReport",
     "DetectorCheckpoint",
     "convert_detector",
+    "convert_fpn_neck",
     "convert_mmdet_detector",
     "own_detector_checkpoint",
     "read_detector_checkpoint",

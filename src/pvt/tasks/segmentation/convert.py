@@ -28,9 +28,9 @@ from pvt.checkpoint import CheckpointError, LoadReport, detect_layout, infer_arc
 from pvt.checkpoint.layouts import strip_module_prefix, unwrap
 from pvt.checkpoint.loader import check_finite, misfit
 from pvt.models.layers import EMBED_NORM_EPS, MMDET_EMBED_NORM_EPS
+from pvt.tasks.detection.convert import convert_fpn_neck
 
 _IGNORED_PREFIXES = {"auxiliary_head.": "auxiliary head (training-only loss branch)"}
-_NECK = re.compile(r"^neck\.(lateral_convs|fpn_convs)\.(\d+)\.conv\.(weight|bias)$")
 _HEAD = re.compile(r"^decode_head\.scale_heads\.(\d+)\.(\d+)\.(conv|bn)\.(\w+)$")
 _SEG = re.compile(r"^decode_head\.conv_seg\.(weight|bias)$")
 
@@ -61,16 +61,16 @@ def convert_semantic_fpn(
         raise CheckpointError(f"{source}: not an mmsegmentation segmenter (no decode_head.* tensors)")
     ignored: dict[str, str] = {}
     backbone: dict[str, Tensor] = {}
-    out: dict[str, Tensor] = {}
+    out, used = convert_fpn_neck(dict(sd), "semantic_fpn", source)
+    neck_keys = set(used)
     unknown: list[str] = []
     for k, v in sd.items():
+        if k in neck_keys:
+            continue
         if k.startswith("backbone."):
             backbone[k[len("backbone.") :]] = v
         elif why := next((w for p, w in _IGNORED_PREFIXES.items() if k.startswith(p)), None):
             ignored[k] = why
-        elif m := _NECK.match(k):
-            block = "inner_blocks" if m.group(1) == "lateral_convs" else "layer_blocks"
-            out[f"backbone.fpn.{block}.{m.group(2)}.0.{m.group(3)}"] = v
         elif m := _HEAD.match(k):
             # mmseg: ConvModule at even j (Upsample at odd j); ours: conv, bn, relu[, upsample] per step.
             i, j, part, name = int(m.group(1)), int(m.group(2)), m.group(3), m.group(4)
