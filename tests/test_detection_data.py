@@ -42,6 +42,28 @@ def test_shapes_layout_masks_and_semantic_maps(tmp_path: Path) -> None:
     assert (again / "train2017" / "000000.png").read_bytes() == (root / "train2017" / "000000.png").read_bytes()
 
 
+def test_shapes_hard_style_full_extent_boxes_and_own_cache(tmp_path: Path) -> None:
+    hard = ShapesSpec(image_size=64, train_images=6, val_images=3, min_size=12, max_size=40, style="hard")
+    assert hard.folder_name() != TINY.folder_name() and "hard" in hard.folder_name()
+    assert "plain" not in TINY.folder_name()  # the plain style keeps the caches it had
+    root = export_shapes(hard, tmp_path / "hard")
+    plain = export_shapes(TINY, tmp_path / "plain")
+    assert (root / "train2017" / "000000.png").read_bytes() != (plain / "train2017" / "000000.png").read_bytes()
+    coco = json.loads((root / "annotations" / "instances_train2017.json").read_text())
+    occluded = 0
+    for ann in coco["annotations"]:
+        m = mask_utils.decode(ann["segmentation"])
+        assert m.sum() == ann["area"] >= 16
+        x, y, w, h = ann["bbox"]
+        ys, xs = np.nonzero(m)
+        assert x <= xs.min() and y <= ys.min() and xs.max() < x + w and ys.max() < y + h  # box holds the mask
+        assert x >= 0 and y >= 0 and x + w <= 64 and y + h <= 64
+        occluded += (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1) != (x, y, x + w, y + h)
+    assert occluded, "an occluded object's box keeps its full extent"
+    with pytest.raises(ValueError, match="style"):
+        ShapesSpec(style="busy")
+
+
 def _fixture(tmp_path: Path, anns: list[dict]) -> tuple[Path, Path]:
     img_dir = tmp_path / "images"
     img_dir.mkdir(exist_ok=True)
@@ -166,3 +188,11 @@ def test_evaluation_equals_pycocotools(tmp_path: Path) -> None:
                 assert ours[f"{iou_type}_{name}"] == pytest.approx(100 * value, abs=1e-9)
     assert ours["segm_ap"] == pytest.approx(100.0)  # the masks are the ground truth
     assert set(k for k in ours if k.startswith("bbox_ap/")) == {f"bbox_ap/{c}" for c in CLASSES}
+
+
+def test_shapes_overrides_are_checked() -> None:
+    assert ShapesSpec.from_overrides({"style": "hard", "train_images": 8}) == ShapesSpec(style="hard", train_images=8)
+    with pytest.raises(ValueError, match=r"data.shapes.stlye: unknown setting"):
+        ShapesSpec.from_overrides({"stlye": "hard"})
+    with pytest.raises(ValueError, match=r"data.shapes.train_images='8': expected an integer"):
+        ShapesSpec.from_overrides({"train_images": "8"})

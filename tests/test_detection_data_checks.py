@@ -17,6 +17,7 @@ from pycocotools import mask as mask_utils
 
 from pvt.cli import main as cli_main
 from pvt.tasks.detection.data import AnnotationError, CocoDetection
+from pvt.tasks.detection.evaluate import coco_evaluate
 
 W, H = 48, 40
 TRAIN_SETS = ["data.dataset=coco", "model.num_classes=2", "data.workers=0", "data.batch_size=2",
@@ -139,19 +140,45 @@ def _coco_2017_quirks() -> dict[str, Any]:
 
 
 def test_coco_2017_quirks_train_a_mask_model(tmp_path: Path) -> None:
-    """Degenerate polygons crashed training with a pycocotools TypeError; now they are dropped with
-    one counted warning per file, and the tiny / slightly-outside boxes are skipped / clipped.
-    (The val json stays clean: pycocotools' own segm evaluation reads the json's polygons.)"""
-    root = _write(tmp_path / "data", _coco_2017_quirks())
+    """Degenerate polygons crashed training with a pycocotools TypeError, and evaluation inside
+    pycocotools' own segm code; now they are dropped with one counted warning per file (the train
+    and the val json each), the tiny / slightly-outside boxes are skipped / clipped, and mask AP
+    is computed."""
+    root = _write(tmp_path / "data", _coco_2017_quirks(), _coco_2017_quirks())
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         assert _train(root, tmp_path, "shapes-mask-rcnn") == 0
-    ours = [str(w.message) for w in caught if "instances_train2017.json" in str(w.message)]
-    assert len(ours) == 2, ours  # one per kind and file
-    assert "dropped 3 polygon(s)" in ours[1] and "1 instance(s) left without a mask" in ours[1]
-    assert "skipped 1 box(es) with a side under 1 pixel" in ours[0]
-    assert not [w for w in caught if "instances_val2017.json" in str(w.message)]
-    assert json.loads((tmp_path / "run" / "final.json").read_text())["iterations"] == 1
+    for split in ("train", "val"):
+        ours = [str(w.message) for w in caught if f"instances_{split}2017.json" in str(w.message)]
+        assert len(ours) == 2, ours  # one per kind and file
+        assert "dropped 3 polygon(s)" in ours[1] and "1 instance(s) left without a mask" in ours[1]
+        assert "skipped 1 box(es) with a side under 1 pixel" in ours[0]
+    final = json.loads((tmp_path / "run" / "final.json").read_text())
+    assert final["iterations"] == 1 and "segm_ap" in final
+
+
+def test_mask_ap_ignores_instances_without_a_valid_polygon(tmp_path: Path) -> None:
+    """A val instance whose polygons are all degenerate is a crowd region for mask AP: a detection
+    of it is neither a hit nor a false positive (its box still counts for box AP). Dropped instead,
+    the top-scoring detection below would be a false positive and mask AP about 64, not 100."""
+    coco = _coco()
+    coco["annotations"][1].update(category_id=1, segmentation=[[20, 5, 32, 5], [1, 2, 3]])  # none valid
+    ann = tmp_path / "val.json"
+    ann.write_text(json.dumps(coco))
+
+    def result(image_id: int, bbox: list[float], score: float) -> dict[str, Any]:
+        x, y, w, h = bbox
+        rle = mask_utils.merge(mask_utils.frPyObjects([[x, y, x + w, y, x + w, y + h, x, y + h]], H, W))
+        return {"image_id": image_id, "category_id": 1, "bbox": bbox, "score": score,
+                "segmentation": {"size": rle["size"], "counts": rle["counts"].decode()}}  # fmt: skip
+
+    # Exact hits on the three cats; the maskless one (id 2) scores highest.
+    dets = [result(1, [2, 3, 10, 8], 0.8), result(2, [20, 5, 12, 10], 0.95), result(2, [5, 5, 15, 10], 0.7)]
+    metrics, text = coco_evaluate(ann, dets, ("bbox", "segm"))
+    assert "1 instance(s) without a valid polygon are ignored for mask AP" in text
+    assert metrics["bbox_ap/cat"] == pytest.approx(100.0)
+    assert metrics["segm_ap/cat"] == pytest.approx(100.0)
+    assert json.loads(ann.read_text()) == coco  # the file is read, never rewritten
 
 
 def _dataset(tmp_path: Path, coco: dict[str, Any], **kw: Any) -> CocoDetection:

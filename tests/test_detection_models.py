@@ -91,6 +91,40 @@ def test_one_training_step(kind: str) -> None:
     assert {"boxes", "scores", "labels"} <= set(out[0])
 
 
+def _mask_losses(model: torch.nn.Module, targets: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)  # the same drop paths, RPN and RoI samples for every call
+    return model([torch.rand(3, 128, 128, generator=torch.Generator().manual_seed(1)) for _ in targets], targets)
+
+
+def test_mask_loss_leaves_out_instances_without_a_mask() -> None:
+    """An instance flagged mask_valid False (its polygons were all degenerate) trains the box and
+    RPN losses as before but gives no mask target: its (all-zero) mask does not move the mask loss,
+    and with every instance maskless the mask loss is a zero that still backpropagates."""
+    model = D.mask_rcnn("pvt_v2_b0", num_classes=3, min_size=128, max_size=128, fpn_channels=64).train()
+    plain = _mask_losses(model, _targets(True))  # no mask_valid: torchvision's code path
+    flagged = _targets(True)
+    for t in flagged:
+        t["mask_valid"] = torch.tensor([False, True])
+        t["masks"][0] = 0  # what the data gives a maskless instance
+    ours = _mask_losses(model, flagged)
+    for k in ("loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"):
+        assert torch.equal(ours[k], plain[k]), k  # same samples, same box losses
+    assert not torch.allclose(ours["loss_mask"], plain["loss_mask"])
+    for t in flagged:
+        t["masks"][0] = 1  # any mask of the left-out instance: no effect
+    assert torch.equal(_mask_losses(model, flagged)["loss_mask"], ours["loss_mask"])
+    only_second = _targets(True)
+    for t in only_second:
+        t["mask_valid"] = torch.tensor([True, True])
+    assert torch.equal(_mask_losses(model, only_second)["loss_mask"], plain["loss_mask"])  # all valid: unchanged
+    for t in flagged:
+        t["mask_valid"] = torch.tensor([False, False])
+    none = _mask_losses(model, flagged)
+    assert none["loss_mask"].item() == 0.0 and all(torch.isfinite(v) for v in none.values())
+    sum(none.values()).backward()
+    assert model.roi_heads.mask_predictor.mask_fcn_logits.weight.grad is not None
+
+
 def test_backbone_checkpoint_and_unknown_backbone() -> None:
     dense = pvt.create_model("pvt_v2_b0", features_only=True).state_dict()
     model = D.retinanet("pvt_v2_b0", backbone_checkpoint=dense)  # type: ignore[arg-type]

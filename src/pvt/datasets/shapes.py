@@ -1,7 +1,8 @@
 """Synthetic scenes: a deterministic COCO-format detection / instance / semantic segmentation set.
 
 Shapes of several classes on textured backgrounds, a range of sizes, overlapping so that later
-shapes occlude earlier ones. Written once to a cache folder in the standard COCO layout::
+shapes occlude earlier ones, in two styles (``ShapesSpec.style``: "plain" and the harder "hard").
+Written once to a cache folder in the standard COCO layout::
 
     ROOT/annotations/instances_{train,val}2017.json   boxes, RLE masks, areas
     ROOT/{train,val}2017/000000.png                    RGB images
@@ -10,11 +11,13 @@ shapes occlude earlier ones. Written once to a cache folder in the standard COCO
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +29,10 @@ from pvt.datasets.files import cache_dir
 
 CLASSES = ("circle", "square", "triangle", "star")
 VERSION = 4
+# "plain": muted textures, saturated shapes, boxes of the visible part. "hard": busy saturated
+# clutter, shapes often coloured and textured like what lies under them, boxes of occluded objects
+# at their full extent (as COCO annotates them), masks of the visible part.
+STYLES = ("plain", "hard")
 
 
 @dataclass(frozen=True)
@@ -40,10 +47,30 @@ class ShapesSpec:
     min_size: int = 16  # object extent in pixels
     max_size: int = 100
     seed: int = 0
+    style: str = "plain"
+
+    def __post_init__(self) -> None:
+        if self.style not in STYLES:
+            raise ValueError(f"data.shapes.style={self.style!r}: expected one of {', '.join(STYLES)}")
+
+    @classmethod
+    def from_overrides(cls, overrides: Mapping[str, object]) -> ShapesSpec:
+        """The spec with a recipe's ``data.shapes`` overrides, each name and type checked."""
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        kwargs: dict[str, Any] = {}
+        for key, value in overrides.items():
+            if key not in fields:
+                raise ValueError(f"data.shapes.{key}: unknown setting; expected one of {', '.join(fields)}")
+            want = str if key == "style" else int
+            if not isinstance(value, want) or isinstance(value, bool):
+                raise ValueError(f"data.shapes.{key}={value!r}: expected {'a name' if want is str else 'an integer'}")
+            kwargs[key] = value
+        return cls(**kwargs)
 
     def folder_name(self) -> str:
+        style = "" if self.style == "plain" else f"-{self.style}"  # plain keeps its existing caches
         return (
-            f"shapes-v{VERSION}-{self.image_size}px-{self.train_images}+{self.val_images}"
+            f"shapes-v{VERSION}{style}-{self.image_size}px-{self.train_images}+{self.val_images}"
             f"-{self.min_size}to{self.max_size}-s{self.seed}"
         )
 
@@ -77,23 +104,57 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     return np.clip(base * 0.45 + 70 + stripes + noise, 0, 255).astype(np.uint8)
 
 
+def _busy_background(rng: np.random.Generator, size: int) -> np.ndarray:
+    """Saturated colour noise at three scales, coloured stripes and random strokes: clutter with
+    the colours and edges of the shapes, so that neither colour nor edges alone find them.
+    ``[size, size, 3]`` float in 0..255."""
+    base = np.zeros((size, size, 3), np.float32)
+    for cells, weight in ((4, 0.5), (16, 0.35), (48, 0.15)):
+        coarse = rng.uniform(0, 255, (cells, cells, 3)).astype(np.uint8)
+        up = Image.fromarray(coarse).resize((size, size), Image.Resampling.BICUBIC)
+        base += weight * np.asarray(up, dtype=np.float32)
+    gray = base.mean(axis=2, keepdims=True)
+    base = gray + 2.2 * (base - gray)  # saturated, unlike the plain style's muted texture
+    yy, xx = np.mgrid[0:size, 0:size]
+    theta, freq = rng.uniform(0, math.pi), rng.uniform(0.1, 0.5)
+    tint = rng.uniform(-1, 1, 3)
+    base += 30 * np.sin(freq * (xx * math.cos(theta) + yy * math.sin(theta)))[..., None] * tint
+    canvas = Image.fromarray(np.clip(base, 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(canvas)
+    for _ in range(int(rng.integers(4, 12))):  # strokes: straight edges and corners everywhere
+        points = [tuple(float(v) for v in rng.uniform(-20, size + 20, 2)) for _ in range(int(rng.integers(2, 5)))]
+        colour = tuple(int(v) for v in rng.integers(0, 256, 3))
+        draw.line(points, fill=colour, width=int(rng.integers(2, 7)))
+    return np.asarray(canvas, dtype=np.float32) + rng.normal(0, 10, (size, size, 3))
+
+
+def _hard_colour(rng: np.random.Generator, background: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """A shape's fill ``[size, size, 3]``: for six shapes in ten, the mean colour of what it covers
+    moved a little (camouflage); else a random saturated colour. Either way with the background's
+    own fine texture on it, so that the shape is not a flat region."""
+    if rng.uniform() < 0.6:
+        colour = background[mask].mean(axis=0) + rng.normal(0, 40, 3)
+    else:
+        hsv = (int(rng.integers(256)), int(rng.integers(120, 256)), int(rng.integers(80, 256)))
+        colour = np.asarray(Image.new("HSV", (1, 1), hsv).convert("RGB").getpixel((0, 0)), np.float32)
+    blurred = np.asarray(
+        Image.fromarray(np.clip(background, 0, 255).astype(np.uint8)).filter(ImageFilter.GaussianBlur(3)),
+        np.float32,
+    )
+    return colour + 0.6 * (background - blurred)
+
+
 def render_scene(rng: np.random.Generator, spec: ShapesSpec) -> tuple[np.ndarray, list[dict[str, Any]]]:
-    """One image ``[H, W, 3]`` uint8 and its objects (class index, visible mask) after occlusion."""
+    """One image ``[H, W, 3]`` uint8 and its objects (class index, visible mask after occlusion,
+    and for the hard style ``box``, the full extent ``[x0, y0, x1, y1]``)."""
+    if spec.style == "hard":
+        return _render_hard(rng, spec)
     size = spec.image_size
     image = Image.fromarray(_background(rng, size))
     objects: list[dict[str, Any]] = []
     for _ in range(int(rng.integers(spec.min_objects, spec.max_objects + 1))):
         cls = int(rng.integers(len(CLASSES)))
-        extent = float(np.exp(rng.uniform(math.log(spec.min_size), math.log(spec.max_size))))
-        r = extent / 2
-        cx, cy = rng.uniform(r * 0.5, size - r * 0.5, 2)
-        mask_img = Image.new("L", (size, size), 0)
-        draw = ImageDraw.Draw(mask_img)
-        if CLASSES[cls] == "circle":
-            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=255)
-        else:
-            draw.polygon(_polygon(CLASSES[cls], cx, cy, r, rng.uniform(0, 2 * math.pi)), fill=255)
-        mask = np.asarray(mask_img) > 127
+        mask = _shape_mask(rng, spec, cls)
         if mask.sum() < 16:
             continue
         hue = Image.new(
@@ -110,12 +171,50 @@ def render_scene(rng: np.random.Generator, spec: ShapesSpec) -> tuple[np.ndarray
     return np.asarray(image), visible
 
 
+def _shape_mask(rng: np.random.Generator, spec: ShapesSpec, cls: int) -> np.ndarray:
+    """The full (unoccluded) ``[size, size]`` bool mask of one shape of class ``cls``."""
+    size = spec.image_size
+    extent = float(np.exp(rng.uniform(math.log(spec.min_size), math.log(spec.max_size))))
+    r = extent / 2
+    cx, cy = rng.uniform(r * 0.5, size - r * 0.5, 2)
+    mask_img = Image.new("L", (size, size), 0)
+    draw = ImageDraw.Draw(mask_img)
+    if CLASSES[cls] == "circle":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=255)
+    else:
+        draw.polygon(_polygon(CLASSES[cls], cx, cy, r, rng.uniform(0, 2 * math.pi)), fill=255)
+    return np.asarray(mask_img) > 127
+
+
+def _extent(mask: np.ndarray) -> list[int]:
+    ys, xs = np.nonzero(mask)
+    return [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1]
+
+
+def _render_hard(rng: np.random.Generator, spec: ShapesSpec) -> tuple[np.ndarray, list[dict[str, Any]]]:
+    size = spec.image_size
+    image = _busy_background(rng, size)
+    objects: list[dict[str, Any]] = []
+    for _ in range(int(rng.integers(spec.min_objects, spec.max_objects + 1))):
+        cls = int(rng.integers(len(CLASSES)))
+        mask = _shape_mask(rng, spec, cls)
+        if mask.sum() < 16:
+            continue
+        fill = _hard_colour(rng, image, mask)
+        image[mask] = fill[mask]
+        for o in objects:  # the new shape hides what it covers; the box keeps the full extent
+            o["mask"] &= ~mask
+        objects.append({"category": cls, "mask": mask, "box": _extent(mask)})
+    pixels = Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).filter(ImageFilter.GaussianBlur(0.6))
+    visible = [o for o in objects if o["mask"].sum() >= 16]
+    return np.asarray(pixels), visible
+
+
 def _annotation(obj: dict[str, Any], ann_id: int, image_id: int) -> dict[str, Any]:
     from pycocotools import mask as mask_utils
 
     m = obj["mask"]
-    ys, xs = np.nonzero(m)
-    x0, y0, x1, y1 = xs.min(), ys.min(), xs.max() + 1, ys.max() + 1
+    x0, y0, x1, y1 = obj["box"] if "box" in obj else _extent(m)
     rle = mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))
     rle["counts"] = rle["counts"].decode("ascii")
     return {

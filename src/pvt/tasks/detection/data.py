@@ -44,7 +44,7 @@ class DetectionData(LoaderConfig):
     crop_resize: list[int] = field(default_factory=lambda: [400, 500, 600])
     crop_size: list[int] = field(default_factory=lambda: [384, 600])
     drop_invalid: bool = False  # drop malformed annotations with a counted warning instead of failing
-    shapes: dict[str, int] = field(default_factory=dict)  # ShapesSpec overrides for dataset=shapes
+    shapes: dict[str, int | str] = field(default_factory=dict)  # ShapesSpec overrides (style: plain | hard)
 
 
 def coco_paths(cfg: DetectionData, split: str) -> tuple[Path, Path]:
@@ -64,7 +64,7 @@ def dataset_root(cfg: DetectionData) -> Path:
     if cfg.dataset == "shapes":
         from pvt.datasets.shapes import ShapesSpec, export_shapes
 
-        return Path(cfg.root) if cfg.root else export_shapes(ShapesSpec(**cfg.shapes))
+        return Path(cfg.root) if cfg.root else export_shapes(ShapesSpec.from_overrides(cfg.shapes))
     if cfg.dataset != "coco":
         raise AnnotationError(f"data.dataset={cfg.dataset!r}: expected 'coco' or 'shapes'")
     if not cfg.root:
@@ -114,7 +114,7 @@ def _escapes(name: str) -> bool:
     return not name or name.startswith(("/", "\\")) or PureWindowsPath(name).drive != "" or ".." in parts
 
 
-def _valid_polygon(poly: object) -> bool:
+def valid_polygon(poly: object) -> bool:
     """At least 3 points and an even number of coordinates (mmdetection's test; the coordinates
     themselves are not inspected: COCO 2017 holds millions of them)."""
     return isinstance(poly, list) and len(poly) >= 6 and len(poly) % 2 == 0
@@ -246,7 +246,7 @@ class CocoDetection(Dataset[tuple[Any, dict[str, Any]]]):
         kept = {**ann, "bbox": [x1, y1, x2 - x1, y2 - y1]}
         seg = ann.get("segmentation")
         if self.masks and not isinstance(seg, dict):
-            polygons = [p for p in seg or [] if _valid_polygon(p)]
+            polygons = [p for p in seg or [] if valid_polygon(p)]
             self.dropped_polygons += len(seg or []) - len(polygons)
             self.maskless += not polygons and not ann.get("iscrowd", 0)
             kept["segmentation"] = polygons

@@ -26,7 +26,9 @@ masks; end to end (tests/test_mask_rcnn_mmdet.py) the remaining differences are 
 the backbone (~1e-5 on logits).
 
 Training runs torchvision's losses and samplers unchanged (on the mmdet anchors and RoIAlign), so a
-model trained here and a converted one share their test-time meaning.
+model trained here and a converted one share their test-time meaning; the one change, in both
+semantics, is that instances flagged ``mask_valid`` False give no mask target
+(``pvt.tasks.detection.roi_heads``).
 
 ``convert_rcnn_heads`` renames mmdet's RPN and RoI-head tensors to torchvision's names (class order
 moved from background-last to background-first).
@@ -36,6 +38,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
+from typing import Self
 
 import torch
 import torch.nn.functional as F
@@ -54,6 +57,7 @@ from pvt.tasks.detection.mmdet_compat import (
     mmdet_batched_nms,
     mmdet_decode,
 )
+from pvt.tasks.detection.roi_heads import MaskValidRoIHeads
 
 RPN_STDS = (1.0, 1.0, 1.0, 1.0)
 RCNN_STDS = (0.1, 0.1, 0.2, 0.2)  # mmdet multiplies by these; torchvision divides by (10, 10, 5, 5)
@@ -297,28 +301,20 @@ class MMDetRoIAlign(nn.Module):
 # RoI heads
 
 
-class MMDetRoIHeads(RoIHeads):
-    """torchvision's box and mask heads with mmdet's RCNN post-process at test time."""
+class MMDetRoIHeads(MaskValidRoIHeads):
+    """torchvision's box and mask heads with mmdet's RCNN post-process at test time (and, in
+    training, no mask target for ``mask_valid`` False instances, see ``roi_heads``)."""
 
     @classmethod
-    def from_torchvision(cls, heads: RoIHeads) -> MMDetRoIHeads:
-        """The same layers and settings as ``heads``, with :class:`MMDetRoIAlign` pooling (7 and 14)."""
-        assert heads.mask_head is not None and heads.mask_predictor is not None
-        return cls(
-            MMDetRoIAlign(7),  # type: ignore[arg-type]
-            heads.box_head,
-            heads.box_predictor,
-            heads.proposal_matcher.high_threshold,
-            heads.proposal_matcher.low_threshold,
-            heads.fg_bg_sampler.batch_size_per_image,
-            heads.fg_bg_sampler.positive_fraction,
-            heads.box_coder.weights,
-            heads.score_thresh,
-            heads.nms_thresh,
-            heads.detections_per_img,
-            mask_roi_pool=MMDetRoIAlign(14),  # type: ignore[arg-type]
-            mask_head=heads.mask_head,
-            mask_predictor=heads.mask_predictor,
+    def from_torchvision(
+        cls, heads: RoIHeads, *, box_roi_pool: nn.Module | None = None, mask_roi_pool: nn.Module | None = None
+    ) -> Self:
+        """The same layers and settings as ``heads``, with :class:`MMDetRoIAlign` pooling (7 and 14)
+        unless other poolers are given."""
+        return super().from_torchvision(
+            heads,
+            box_roi_pool=MMDetRoIAlign(7) if box_roi_pool is None else box_roi_pool,
+            mask_roi_pool=MMDetRoIAlign(14) if mask_roi_pool is None else mask_roi_pool,
         )
 
     def postprocess_detections(

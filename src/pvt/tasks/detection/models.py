@@ -20,7 +20,8 @@ Test-time arithmetic is a named switch, ``semantics``:
 
 Other deliberate differences from mmdetection, each a named argument: ``fpn_channels`` (256),
 ``anchor_sizes`` (mmdet's octave scales by default), ``min_size`` / ``max_size``, and torchvision's
-losses and samplers in training.
+losses and samplers in training (Mask R-CNN's mask loss leaving out instances whose target says
+``mask_valid`` False, see ``pvt.tasks.detection.roi_heads``).
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ from pvt.models import create_model, list_models
 from pvt.models.layers import EMBED_NORM_EPS
 from pvt.tasks.detection.mmdet_compat import MMDetAnchorGenerator, MMDetRetinaNet, MMDetTransform
 from pvt.tasks.detection.mmdet_rcnn import rpn_anchor_generator, to_mmdet_semantics
+from pvt.tasks.detection.roi_heads import MaskValidRoIHeads
 
 if TYPE_CHECKING:
     from pvt.tasks.detection.convert import DetectorCheckpoint
@@ -442,6 +444,8 @@ def mask_rcnn(
         rpn_anchor_generator=anchors,
         **kwargs,
     )
+    # mask_valid=False instances (no valid polygon) give no mask target; the weights are torchvision's
+    model.roi_heads = MaskValidRoIHeads.from_torchvision(model.roi_heads)
     if mmdet:
         to_mmdet_semantics(model)
     return _finish(model, f"mask_rcnn_{backbone}", mmdet, embed_norm_eps, ckpt, allow_nonfinite)

@@ -78,7 +78,7 @@ class SegmentationData(LoaderConfig):
     slide_stride: list[int] = field(default_factory=lambda: [341, 341])
     eval_flip: bool = False
     eval_ratios: list[float] = field(default_factory=lambda: [1.0])
-    shapes: dict[str, int] = field(default_factory=dict)  # ShapesSpec overrides for dataset=shapes
+    shapes: dict[str, int | str] = field(default_factory=dict)  # ShapesSpec overrides (style: plain | hard)
 
 
 def split_folders(cfg: SegmentationData, split: str) -> tuple[Path, Path]:
@@ -92,7 +92,7 @@ def split_folders(cfg: SegmentationData, split: str) -> tuple[Path, Path]:
     if cfg.dataset == "shapes":
         from pvt.datasets.shapes import ShapesSpec, export_shapes
 
-        root = Path(cfg.root) if cfg.root else export_shapes(ShapesSpec(**cfg.shapes))
+        root = Path(cfg.root) if cfg.root else export_shapes(ShapesSpec.from_overrides(cfg.shapes))
         return root / f"{split}2017", root / f"semantic_{split}2017"
     if cfg.dataset != "ade20k":
         raise LabelError(f"data.dataset={cfg.dataset!r}: expected 'ade20k', 'folders' or 'shapes'")
