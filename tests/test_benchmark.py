@@ -54,3 +54,31 @@ def test_quick_run_writes_results_and_plots(tmp_path: Path) -> None:
     text = (tmp_path / "RESULTS.md").read_text()
     assert "## scaling" in text and "MiB" in text and "fp32 matmul peak" in text
     assert (tmp_path / "scaling.png").stat().st_size > 0 and (tmp_path / "speedups.png").stat().st_size > 0
+
+
+def test_memory_table_verdicts() -> None:
+    rows = [
+        Row("memory", "a", "pvt-vision", 100.0, 200, rss_epoch1_mib=800.0, rss_end_mib=820.0),
+        Row("memory", "b", "pvt-vision", 100.0, 200, rss_epoch1_mib=800.0, rss_end_mib=880.0),
+    ]
+    text = report(rows, {"cpu": "x"}, peak=400.0)
+    assert "| a | 100 | 800 | 820 | +2.5% | pass |" in text and "| b | 100 | 800 | 880 | +10.0% | FAIL |" in text
+
+
+def test_memory_suite_quick(digits_cache: Path, tmp_path: Path) -> None:
+    """The leak check's machinery on 8 iterations at batch 256 (5 per epoch): a fresh training
+    process's RSS sampled after the first epoch and at the end, growth and verdict reported."""
+    from pvt.cli import main
+
+    threads = torch.get_num_threads()
+    try:
+        assert main(["bench", "--quick", "--suites", "memory", "--threads", "1", "--out", str(tmp_path)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    (row,) = [Row(**r) for r in json.loads((tmp_path / "results.json").read_text())["rows"]]
+    assert row.suite == "memory" and row.repeats == 8 and "(5 per epoch)" in row.setting and row.ms > 0
+    assert row.rss_epoch1_mib is not None and row.rss_end_mib is not None and row.growth_pct is not None
+    assert 100 < row.rss_epoch1_mib < 16384 and 100 < row.rss_end_mib < 16384  # a real training process
+    assert row.growth_pct == pytest.approx(100 * (row.rss_end_mib - row.rss_epoch1_mib) / row.rss_epoch1_mib)
+    text = (tmp_path / "RESULTS.md").read_text()
+    assert "## memory" in text and f"| {row.setting} | {row.ms:.0f} | {row.rss_epoch1_mib:.0f} |" in text

@@ -13,6 +13,10 @@ RetinaNet-PVT-Small vs torchvision's RetinaNet-ResNet-50 at 800x1333), ``scaling
 peak memory from 224 to 1024 px: PVT-Small, v2-b2, v2-b2-li vs timm ViT-Small/16), ``precision``
 (fp32 / bf16 autocast, eager / ``torch.compile``, ours without fused kernels or packed weights)
 and the machine's fp32 matmul peak. The process keeps freed memory (``pvt.runtime``) for all.
+
+``memory`` (not run by default: a leak check, not a comparison) trains the digits preset for 200
+iterations in a fresh process, as ``pvt train`` does, and checks its resident memory grows by less
+than ``MEMORY_BOUND_PCT`` from the end of the first epoch to the end.
 """
 
 from __future__ import annotations
@@ -37,7 +41,9 @@ from pvt.complexity import complexity
 from pvt.models import fused
 from pvt.peers import check_twins, hf_twins, timm_twins
 
-SUITES = ("classify", "train", "dense", "scaling", "precision")
+SUITES = ("classify", "train", "dense", "scaling", "precision")  # the default run
+EXTRA_SUITES = ("memory",)  # by name only: pvt bench --suites memory
+MEMORY_BOUND_PCT = 5.0  # the memory suite's bound on RSS growth after the first epoch
 
 
 @dataclass
@@ -52,6 +58,15 @@ class Row:
     gmacs: float | None = None  # per call, papers' convention (None where not counted)
     peak_mib: float | None = None
     note: str = ""
+    rss_epoch1_mib: float | None = None  # memory suite: resident MiB after the first epoch ...
+    rss_end_mib: float | None = None  # ... and at the end of training
+
+    @property
+    def growth_pct(self) -> float | None:
+        """Resident memory growth from the end of the first epoch to the end (memory suite)."""
+        if self.rss_epoch1_mib is None or self.rss_end_mib is None:
+            return None
+        return 100 * (self.rss_end_mib / self.rss_epoch1_mib - 1)
 
     @property
     def gflops(self) -> float | None:
@@ -307,6 +322,72 @@ def suite_precision(s: Settings) -> None:
         s.rows.append(Row("precision", f"{name} {size}px batch 1 {mode}", contender, 1e3 * t, s.repeats))
 
 
+def _rss_kib() -> int:
+    with open("/proc/self/status") as f:
+        return int(next(line for line in f if line.startswith("VmRSS:")).split()[1])
+
+
+def train_rss(iterations: int, overrides: list[str] | None = None) -> dict[str, float]:
+    """Train the digits classification preset for ``iterations`` in this process, as ``pvt train``
+    does (freed memory kept), reading the resident set size (VmRSS) as each iteration's loss is
+    computed. Returns MiB at the first iteration of epoch 2 (after epoch 1's evaluation and
+    checkpoint) and after training (the final evaluation and weights written), and the median ms
+    between iterations."""
+    import itertools
+    import statistics
+    import tempfile
+
+    from pvt.engine import Trainer, load_recipe
+    from pvt.engine.presets import load_preset
+    from pvt.tasks.classification import ClassificationTask
+
+    samples: list[tuple[float, int]] = []  # (seconds, RSS KiB) per loss call
+
+    class Sampled(ClassificationTask):
+        def loss(self, model: nn.Module, batch: Any, device: torch.device) -> torch.Tensor:
+            samples.append((time.perf_counter(), _rss_kib()))
+            return super().loss(model, batch, device)
+
+    runtime.keep_freed_memory()
+    task = Sampled()
+    sets = [f"schedule.iterations={iterations}", "train.progress=false", *(overrides or [])]
+    preset = load_preset("classification", "digits")
+    recipe = load_recipe("classification", task.data_config, preset, sets, model_cls=task.model_config)
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = Trainer(task, recipe, tmp)
+        trainer.fit()
+        end = _rss_kib()
+    per_epoch = trainer.iters_per_epoch
+    if len(samples) <= per_epoch:
+        raise ValueError(f"{iterations} iterations do not pass the first epoch ({per_epoch} iterations)")
+    steps = [b[0] - a[0] for a, b in itertools.pairwise(samples)]
+    return {"iterations": len(samples), "per_epoch": per_epoch, "batch": recipe.data.batch_size,
+            "epoch1_mib": samples[per_epoch][1] / 1024, "end_mib": end / 1024,
+            "ms": 1e3 * statistics.median(steps)}  # fmt: skip
+
+
+_TRAIN_RSS_SNIPPET = """
+import json, torch
+torch.set_num_threads({threads})
+from pvt.benchmark import train_rss
+print(json.dumps(train_rss({iterations}, {overrides!r})))
+"""
+
+
+def suite_memory(s: Settings) -> None:
+    """The leak check, in a fresh process (this one's RSS holds the other suites' models)."""
+    iterations, sets = (8, ["data.batch_size=256"]) if s.quick else (200, [])
+    code = _TRAIN_RSS_SNIPPET.format(threads=s.threads, iterations=iterations, overrides=sets)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"the memory suite's training failed:\n{out.stderr[-3000:]}")
+    m = json.loads(out.stdout.strip().splitlines()[-1])
+    setting = (f"digits preset, batch {m['batch']}, {m['iterations']} iterations "
+               f"({m['per_epoch']} per epoch)")  # fmt: skip
+    s.rows.append(Row("memory", setting, "pvt-vision", m["ms"], int(m["iterations"]),
+                      rss_epoch1_mib=m["epoch1_mib"], rss_end_mib=m["end_mib"]))  # fmt: skip
+
+
 def machine() -> dict[str, str]:
     cpu = platform.processor() or platform.machine()
     try:
@@ -339,6 +420,9 @@ def report(rows: list[Row], info: dict[str, str], peak: float) -> str:
         if suite == "scaling":
             lines += _scaling_table([r for r in rows if r.suite == suite])
             continue
+        if suite == "memory":
+            lines += _memory_table([r for r in rows if r.suite == suite])
+            continue
         lines += [
             "| setting | contender | ms | speed-up of pvt-vision | GFLOP/s | % of peak |",
             "|---|---|---|---|---|---|",
@@ -363,6 +447,21 @@ def _scaling_table(rows: list[Row]) -> list[str]:
             r = next(r for r in rows if r.setting == setting and r.contender == n)
             cells.append(f"{r.ms:.0f} ms / {r.peak_mib:.0f} MiB")
         out.append(f"| {setting} | " + " | ".join(cells) + " |")
+    return [*out, ""]
+
+
+def _memory_table(rows: list[Row]) -> list[str]:
+    out = ["Resident memory (VmRSS) of `pvt train` in a fresh process, after the first epoch (its evaluation "
+           f"and checkpoint included) and at the end; a leak check, bound {MEMORY_BOUND_PCT:g}%:", "",
+           "| setting | ms / iteration | RSS after epoch 1 (MiB) | RSS at end (MiB) | growth | result |",
+           "|---|---|---|---|---|---|"]  # fmt: skip
+    for r in rows:
+        growth = r.growth_pct
+        assert growth is not None, r
+        verdict = "pass" if growth < MEMORY_BOUND_PCT else "FAIL"
+        out.append(
+            f"| {r.setting} | {r.ms:.0f} | {r.rss_epoch1_mib:.0f} | {r.rss_end_mib:.0f} | {growth:+.1f}% | {verdict} |"
+        )
     return [*out, ""]
 
 
@@ -427,10 +526,10 @@ def run(settings: Settings, out_dir: str | Path) -> Path:
         old = json.loads((out / "results.json").read_text())
         settings.rows += [Row(**r) for r in old["rows"] if r["suite"] not in settings.suites]
     suites = {"classify": suite_classify, "train": suite_train, "dense": suite_dense,
-              "scaling": suite_scaling, "precision": suite_precision}  # fmt: skip
+              "scaling": suite_scaling, "precision": suite_precision, "memory": suite_memory}  # fmt: skip
     for name in settings.suites:
         if name not in suites:
-            raise ValueError(f"unknown suite {name!r}; choose from {', '.join(SUITES)}")
+            raise ValueError(f"unknown suite {name!r}; choose from {', '.join(SUITES + EXTRA_SUITES)}")
         print(f"bench: {name} ...", file=sys.stderr, flush=True)
         suites[name](settings)
     text = report(settings.rows, info, peak)
@@ -443,4 +542,15 @@ def run(settings: Settings, out_dir: str | Path) -> Path:
     return out / "RESULTS.md"
 
 
-__all__ = ["SUITES", "Row", "Settings", "alternate", "matmul_peak_gflops", "report", "run"]
+__all__ = [
+    "EXTRA_SUITES",
+    "MEMORY_BOUND_PCT",
+    "SUITES",
+    "Row",
+    "Settings",
+    "alternate",
+    "matmul_peak_gflops",
+    "report",
+    "run",
+    "train_rss",
+]
