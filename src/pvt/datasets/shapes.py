@@ -130,45 +130,41 @@ def _busy_background(rng: np.random.Generator, size: int) -> np.ndarray:
 
 def _hard_colour(rng: np.random.Generator, background: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """A shape's fill ``[size, size, 3]``: for six shapes in ten, the mean colour of what it covers
-    moved a little (camouflage); else a random saturated colour. Either way with the background's
-    own fine texture on it, so that the shape is not a flat region."""
+    moved a little (camouflage); else a random saturated colour. Either way with mild noise of its
+    own: a shape is a smoother region than the clutter, but neither its colour nor its edges alone
+    set it apart."""
     if rng.uniform() < 0.6:
         colour = background[mask].mean(axis=0) + rng.normal(0, 40, 3)
     else:
         hsv = (int(rng.integers(256)), int(rng.integers(120, 256)), int(rng.integers(80, 256)))
         colour = np.asarray(Image.new("HSV", (1, 1), hsv).convert("RGB").getpixel((0, 0)), np.float32)
-    blurred = np.asarray(
-        Image.fromarray(np.clip(background, 0, 255).astype(np.uint8)).filter(ImageFilter.GaussianBlur(3)),
-        np.float32,
-    )
-    return colour + 0.6 * (background - blurred)
+    return colour + rng.normal(0, 8, background.shape)
 
 
 def render_scene(rng: np.random.Generator, spec: ShapesSpec) -> tuple[np.ndarray, list[dict[str, Any]]]:
     """One image ``[H, W, 3]`` uint8 and its objects (class index, visible mask after occlusion,
-    and for the hard style ``box``, the full extent ``[x0, y0, x1, y1]``)."""
-    if spec.style == "hard":
-        return _render_hard(rng, spec)
-    size = spec.image_size
-    image = Image.fromarray(_background(rng, size))
+    and for the hard style ``box``, the full extent ``[x0, y0, x1, y1]`` as COCO annotates it)."""
+    size, hard = spec.image_size, spec.style == "hard"
+    canvas = _busy_background(rng, size) if hard else _background(rng, size).astype(np.float32)
     objects: list[dict[str, Any]] = []
     for _ in range(int(rng.integers(spec.min_objects, spec.max_objects + 1))):
         cls = int(rng.integers(len(CLASSES)))
         mask = _shape_mask(rng, spec, cls)
         if mask.sum() < 16:
             continue
-        hue = Image.new(
-            "HSV", (1, 1), (int(rng.integers(256)), int(rng.integers(150, 256)), int(rng.integers(90, 256)))
-        )
-        colour = hue.convert("RGB").getpixel((0, 0))  # saturated: shapes differ from the muted texture
-        shade = Image.new("RGB", (size, size), colour)
-        image.paste(shade, mask=Image.fromarray((mask * 255).astype(np.uint8)))
-        for o in objects:  # the new shape hides what it covers
+        canvas[mask] = _hard_colour(rng, canvas, mask)[mask] if hard else _plain_colour(rng)
+        for o in objects:  # the new shape hides what it covers (a hard-style box keeps the full extent)
             o["mask"] &= ~mask
-        objects.append({"category": cls, "mask": mask})
-    image = image.filter(ImageFilter.GaussianBlur(0.6))
+        objects.append({"category": cls, "mask": mask, **({"box": _extent(mask)} if hard else {})})
+    pixels = Image.fromarray(np.clip(canvas, 0, 255).astype(np.uint8)).filter(ImageFilter.GaussianBlur(0.6))
     visible = [o for o in objects if o["mask"].sum() >= 16]
-    return np.asarray(image), visible
+    return np.asarray(pixels), visible
+
+
+def _plain_colour(rng: np.random.Generator) -> np.ndarray:
+    """A saturated colour: plain-style shapes differ from the muted texture."""
+    hsv = (int(rng.integers(256)), int(rng.integers(150, 256)), int(rng.integers(90, 256)))
+    return np.asarray(Image.new("HSV", (1, 1), hsv).convert("RGB").getpixel((0, 0)), np.float32)
 
 
 def _shape_mask(rng: np.random.Generator, spec: ShapesSpec, cls: int) -> np.ndarray:
@@ -189,25 +185,6 @@ def _shape_mask(rng: np.random.Generator, spec: ShapesSpec, cls: int) -> np.ndar
 def _extent(mask: np.ndarray) -> list[int]:
     ys, xs = np.nonzero(mask)
     return [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1]
-
-
-def _render_hard(rng: np.random.Generator, spec: ShapesSpec) -> tuple[np.ndarray, list[dict[str, Any]]]:
-    size = spec.image_size
-    image = _busy_background(rng, size)
-    objects: list[dict[str, Any]] = []
-    for _ in range(int(rng.integers(spec.min_objects, spec.max_objects + 1))):
-        cls = int(rng.integers(len(CLASSES)))
-        mask = _shape_mask(rng, spec, cls)
-        if mask.sum() < 16:
-            continue
-        fill = _hard_colour(rng, image, mask)
-        image[mask] = fill[mask]
-        for o in objects:  # the new shape hides what it covers; the box keeps the full extent
-            o["mask"] &= ~mask
-        objects.append({"category": cls, "mask": mask, "box": _extent(mask)})
-    pixels = Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).filter(ImageFilter.GaussianBlur(0.6))
-    visible = [o for o in objects if o["mask"].sum() >= 16]
-    return np.asarray(pixels), visible
 
 
 def _annotation(obj: dict[str, Any], ann_id: int, image_id: int) -> dict[str, Any]:
