@@ -1,5 +1,6 @@
 """Faults a cluster job meets (issue 13): resuming into an empty run folder, a truncated latest
-checkpoint, and a full disk while writing one."""
+checkpoint, a full disk while writing one, a hung rank, failing or killed data-loader workers and
+an elastic restart."""
 
 from __future__ import annotations
 
@@ -124,15 +125,7 @@ def test_a_hung_rank_ends_the_job_after_dist_timeout(digits_cache: Path, tmp_pat
 
 def test_a_bad_image_in_a_loader_worker_stops_the_run_naming_it(tmp_path: Path, capsys) -> None:
     """With train.workers > 0 the error raised in a worker process reaches the user with its file."""
-    from PIL import Image
-
-    for split in ("train", "val"):
-        for c in ("cat", "dog"):
-            (tmp_path / split / c).mkdir(parents=True)
-            for i in range(4):
-                Image.new("RGB", (32, 32), (i * 40, 80 if c == "cat" else 160, 0)).save(
-                    tmp_path / split / c / f"{i}.png"
-                )
+    _image_folders(tmp_path)
     bad = tmp_path / "train" / "dog" / "9.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     sets = ["train.progress=false", "schedule.iterations=4", "data.batch_size=3", "data.workers=2",
@@ -140,6 +133,41 @@ def test_a_bad_image_in_a_loader_worker_stops_the_run_naming_it(tmp_path: Path, 
     args = ["train", "classification", "--preset", "digits", "--data", str(tmp_path), "--output", str(tmp_path / "r")]
     assert cli_main([*args, *[x for s in sets for x in ("--set", s)]]) == 2
     assert f"{bad}: cannot read this image" in capsys.readouterr().err
+
+
+def _image_folders(root: Path) -> None:
+    from PIL import Image
+
+    for split in ("train", "val"):
+        for c in ("cat", "dog"):
+            (root / split / c).mkdir(parents=True)
+            for i in range(4):
+                Image.new("RGB", (32, 32), (i * 40, 80 if c == "cat" else 160, 0)).save(root / split / c / f"{i}.png")
+
+
+def test_a_killed_loader_worker_stops_the_run_with_a_message(tmp_path: Path, capsys, monkeypatch) -> None:
+    """A worker killed by a signal (the OOM killer) raises no exception of its own: the run stops,
+    not hangs, saying what happened, the last checkpoint and what to change."""
+    import signal
+
+    from PIL import Image
+
+    _image_folders(tmp_path)
+    opened = Image.open
+
+    def open_or_die(fp, *a, **kw):  # runs in the forked worker processes
+        if str(fp).endswith("dog/3.png") and os.environ.get("PVT_TEST_PARENT") != str(os.getpid()):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return opened(fp, *a, **kw)
+
+    monkeypatch.setenv("PVT_TEST_PARENT", str(os.getpid()))
+    monkeypatch.setattr(Image, "open", open_or_die)
+    sets = ["train.progress=false", "schedule.iterations=8", "data.batch_size=3", "data.workers=2",
+            "model.num_classes=2", "data.eval_batch_size=8", "schedule.warmup_iters=1"]  # fmt: skip
+    args = ["train", "classification", "--preset", "digits", "--data", str(tmp_path), "--output", str(tmp_path / "r")]
+    assert cli_main([*args, *[x for s in sets for x in ("--set", s)]]) == 2
+    err = capsys.readouterr().err
+    assert "DataLoader worker" in err and "was killed" in err and "rerun with --resume" in err, err
 
 
 def _elastic_cmd(run: Path, *torchrun: str) -> list[str]:

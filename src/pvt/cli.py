@@ -14,7 +14,7 @@ from pvt.checkpoint import CheckpointError, infer_arch, load_checkpoint, read_st
 from pvt.checkpoint.loader import check_finite
 from pvt.complexity import complexity
 from pvt.engine.presets import list_presets
-from pvt.engine.trainer import NonFiniteLoss
+from pvt.engine.trainer import LoaderWorkerDied, NonFiniteLoss
 from pvt.io import atomic_write
 from pvt.models import create_model, list_models
 from pvt.runtime import keep_freed_memory
@@ -344,7 +344,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     keep_freed_memory()  # our own process: activations stop being page-faulted in per forward
     try:
         return int(args.func(args))
-    except (CheckpointError, ValueError, OSError, NonFiniteLoss) as e:
+    except (CheckpointError, ValueError, OSError, NonFiniteLoss, LoaderWorkerDied) as e:
         print(f"pvt {args.command}: error: {e}", file=sys.stderr)
         return 2
 

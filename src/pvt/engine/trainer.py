@@ -104,6 +104,10 @@ class _StopFlag:
             signal.signal(s, h)
 
 
+class LoaderWorkerDied(RuntimeError):
+    """A data-loader worker process died without an exception of its own (killed by a signal)."""
+
+
 class NonFiniteLoss(RuntimeError):
     """The training loss became NaN or Inf; raised on every rank before the step that would
     have applied it, so the run directory keeps only checkpoints of good weights."""
@@ -259,7 +263,23 @@ class Trainer:
         if getattr(self, "_pending_rng", None) is not None:
             ckpt.set_rng_state(self._pending_rng)
             self._pending_rng = None
-        yield from it
+        while True:
+            try:
+                batch = next(it)
+            except StopIteration:
+                return
+            except RuntimeError as e:
+                if "DataLoader worker" not in str(e):
+                    raise
+                # Killed workers leave no file name behind (an exception in one arrives with its own).
+                last = ckpt.latest_checkpoint(self.run_dir)
+                raise LoaderWorkerDied(
+                    f"{e} (epoch {epoch + 1}, after iteration {self.schedule.iteration}): a data-loader worker "
+                    "process was killed, most often by the out-of-memory killer (see dmesg); "
+                    f"{f'the last checkpoint is {last}' if last else 'no checkpoint had been written yet'}. "
+                    "Lower data.workers or data.batch_size and rerun with --resume"
+                ) from e
+            yield batch
 
     def _train_epoch(self, epoch: int, position: int, stop: _StopFlag) -> bool:
         """Returns False when interrupted by a signal (after checkpointing)."""
@@ -499,4 +519,12 @@ def run_evaluation(task: Task, recipe: Recipe) -> dict[str, float]:
         cleanup(info)
 
 
-__all__ = ["NonFiniteLoss", "Trainer", "all_reduce_sum", "autocast_factory", "make_eval_loader", "run_evaluation"]
+__all__ = [
+    "LoaderWorkerDied",
+    "NonFiniteLoss",
+    "Trainer",
+    "all_reduce_sum",
+    "autocast_factory",
+    "make_eval_loader",
+    "run_evaluation",
+]
