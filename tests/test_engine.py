@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import random
 from pathlib import Path
@@ -229,3 +230,14 @@ def test_cosine_matches_closed_form() -> None:
     assert [round(s.lr_at(i), 6) for i in range(5)] == [
         round(0.5 * (1 + math.cos(math.pi * i / 4)), 6) for i in range(5)
     ]
+
+
+def test_curves_plot_the_headline_metrics_only(tmp_path: Path) -> None:
+    """A detector logs 24 COCO numbers and per-class AP; the curves show the run's headline."""
+    from pvt.engine.plot import _eval_keys
+
+    evals = [{"type": "eval", "epoch": 0, "iteration": 10, "bbox_ap": 1.0, "bbox_ap50": 2.0, "bbox_ap_l": -100.0,
+              "bbox_ap/circle": 3.0, "segm_ap": 1.5, "val_loss": 0.3}]  # fmt: skip
+    assert _eval_keys(tmp_path, evals) == ["bbox_ap", "bbox_ap50", "segm_ap"]  # no final.json: summary numbers
+    (tmp_path / "final.json").write_text(json.dumps({"bbox_ap": 1.0, "segm_ap": 1.5, "iterations": 10}))
+    assert _eval_keys(tmp_path, evals) == ["bbox_ap", "segm_ap"]

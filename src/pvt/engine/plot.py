@@ -24,6 +24,28 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     return records
 
 
+def _eval_keys(run: Path, evals: list[dict[str, Any]]) -> list[str]:
+    """The metrics worth a line: the run's headline (the keys of its ``final.json``) when written,
+    else every summary number; never per-class values (``bbox_ap/circle``), losses, or numbers that
+    are negative throughout (COCO's -1 for an area range without objects). A detector's 24 COCO
+    numbers made an unreadable legend."""
+    final = run / "final.json"
+    headline: set[str] | None = None
+    if final.is_file():
+        try:
+            headline = set(json.loads(final.read_text()))
+        except json.JSONDecodeError:
+            headline = None
+    keys = set()
+    for r in evals:
+        for k, v in r.items():
+            if k in _NOT_METRICS or "/" in k or k.endswith("loss") or not isinstance(v, int | float):
+                continue
+            if (headline is None or k in headline) and any(e.get(k, -1) >= 0 for e in evals):
+                keys.add(k)
+    return sorted(keys)
+
+
 def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     """Loss, learning rate and evaluation metrics against iteration; returns the PNG path."""
     import matplotlib
@@ -41,10 +63,8 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     axes[0].set(title="training loss", xlabel="iteration", ylabel="loss")
     axes[1].plot(its, [r["lr"] for r in train], lw=1, color="tab:orange")
     axes[1].set(title="learning rate", xlabel="iteration", ylabel="lr")
-    keys = sorted({k for r in evals for k, v in r.items() if k not in _NOT_METRICS and isinstance(v, (int, float))})
+    keys = _eval_keys(run, evals)
     for k in keys:
-        if k.endswith("loss"):
-            continue
         pts = [(r["iteration"], r[k]) for r in evals if k in r]
         axes[2].plot(*zip(*pts, strict=True), marker="o", ms=3, label=k)
     axes[2].set(title="evaluation", xlabel="iteration", ylabel="%")
