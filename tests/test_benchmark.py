@@ -35,16 +35,17 @@ def test_twins_disagreeing_are_refused() -> None:
 
 def test_report_speedups() -> None:
     rows = [Row("classify", "s", "pvt-vision", 10.0, 3, gmacs=1.0), Row("classify", "s", "timm", 25.0, 3, gmacs=1.0)]
-    text = report(rows, {"cpu": "x"}, peak=400.0)
+    text = report(rows, {"cpu": "x"}, peaks={"fp32": 400.0})
     assert "| s | timm | 25.0 | 2.50x | 80.0 | 20% |" in text and "| s | pvt-vision | 10.0 |  | 200.0 | 50% |" in text
 
 
-def test_quick_run_writes_results_and_plots(tmp_path: Path) -> None:
+def test_quick_run_writes_results_and_plots(digits_cache: Path, tmp_path: Path) -> None:
     from pvt.cli import main
 
     assert main(["bench", "--quick", "--repeats", "1", "--no-compile", "--out", str(tmp_path)]) == 0
     data = json.loads((tmp_path / "results.json").read_text())
-    assert {r["suite"] for r in data["rows"]} == {"classify", "train", "dense", "scaling", "precision"}
+    suites = {"classify", "train", "dense", "scaling", "precision", "fused", "precision-accuracy"}
+    assert {r["suite"] for r in data["rows"]} == suites
     assert all(r["ms"] > 0 for r in data["rows"]) and data["matmul_peak_gflops"] > 0
     assert {r["contender"] for r in data["rows"] if r["suite"] == "classify"} == {
         "pvt-vision",
@@ -52,7 +53,7 @@ def test_quick_run_writes_results_and_plots(tmp_path: Path) -> None:
         "HF transformers",
     }
     text = (tmp_path / "RESULTS.md").read_text()
-    assert "## scaling" in text and "MiB" in text and "fp32 matmul peak" in text
+    assert "## scaling" in text and "MiB" in text and "fp32 GEMM peak" in text
     assert (tmp_path / "scaling.png").stat().st_size > 0 and (tmp_path / "speedups.png").stat().st_size > 0
 
 
@@ -61,7 +62,7 @@ def test_memory_table_verdicts() -> None:
         Row("memory", "a", "pvt-vision", 100.0, 200, rss_epoch1_mib=800.0, rss_end_mib=820.0),
         Row("memory", "b", "pvt-vision", 100.0, 200, rss_epoch1_mib=800.0, rss_end_mib=880.0),
     ]
-    text = report(rows, {"cpu": "x"}, peak=400.0)
+    text = report(rows, {"cpu": "x"}, peaks={"fp32": 400.0})
     assert "| a | 100 | 800 | 820 | +2.5% | pass |" in text and "| b | 100 | 800 | 880 | +10.0% | FAIL |" in text
 
 

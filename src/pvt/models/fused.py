@@ -13,7 +13,8 @@ once; it is refreshed when the weight changes through a tracked op (``load_state
 steps, in-place ops under ``no_grad``, ``.to()``) and dropped by ``release`` and by the models'
 ``train()`` / ``eval()`` (an edit through ``.data``, which torch does not track, is seen after them).
 
-Used only where nothing can notice the difference: CPU, fp32, no autograd, eval mode, no
+Used only where nothing can notice the difference: CPU, fp32 (or bf16 weights and inputs where
+oneDNN has bf16 in hardware), no autograd, eval mode, no
 autocast, not while ``torch.compile`` or ``torch.jit.trace`` traces (the compiler fuses on its
 own; exporters want standard ops), and no forward hooks on the modules involved (``pvt.complexity``
 and user hooks see every layer run as a module).
@@ -36,6 +37,11 @@ def _ops_available() -> bool:
 
 
 AVAILABLE = _ops_available()
+# bf16 (weights and activations, as ``pvt.optimize_for_inference`` casts them) where oneDNN runs
+# it in hardware; elsewhere it would be emulated and the plain ops are no slower.
+_DTYPES = (
+    (torch.float32, torch.bfloat16) if AVAILABLE and torch.ops.mkldnn._is_mkldnn_bf16_supported() else (torch.float32,)
+)
 _enabled = True
 _packing = True
 # weight -> ((data_ptr, version, conv input shape) it was packed for, packed copy); entries go
@@ -66,7 +72,7 @@ def usable(module: nn.Module, x: Tensor) -> bool:
     """Whether ``module``'s forward on ``x`` may take the fused path."""
     if not (AVAILABLE and _enabled) or torch.is_grad_enabled():
         return False
-    if x.device.type != "cpu" or x.dtype != torch.float32 or torch.is_autocast_enabled("cpu"):
+    if x.device.type != "cpu" or x.dtype not in _DTYPES or torch.is_autocast_enabled("cpu"):
         return False
     # Compilers fuse on their own; exporters want standard ops.
     if torch.compiler.is_compiling() or torch.jit.is_tracing():  # type: ignore[attr-defined]
