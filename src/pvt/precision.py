@@ -160,14 +160,17 @@ def optimize_for_inference(
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
     chosen = resolve_precision(precision, device)
     model.eval()
-    if chosen == "bf16":
-        model = _to_bf16(model, compile)
-    elif chosen == "int8":
-        if calibration is None:
-            raise ValueError("precision int8 needs calibration inputs (a few batches of the task's own images)")
-        model = _to_int8(model, list(calibration))
-    elif compile:
-        model = _compile_parts(model)
+    # Weights made under inference mode would be inference tensors, which the fused path's
+    # packed-weight cache (keyed on version counters) and the exporter cannot use.
+    with torch.inference_mode(False):
+        if chosen == "bf16":
+            model = _to_bf16(model, compile)
+        elif chosen == "int8":
+            if calibration is None:
+                raise ValueError("precision int8 needs calibration inputs (a few batches of the task's own images)")
+            model = _to_int8(model, list(calibration))
+        elif compile:
+            model = _compile_parts(model)
     model.pvt_precision = chosen  # type: ignore[assignment]
     return model
 

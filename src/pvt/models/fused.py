@@ -100,7 +100,13 @@ def packed_weight(layer: nn.Linear | nn.Conv2d, x: Tensor | None = None) -> Tens
     w = layer.weight
     if not _packing:
         return w
-    stamp = (w.data_ptr(), w._version, None if x is None else tuple(x.shape))
+    # Weights made under inference mode (a model built or copied there) have no version counter:
+    # only a new tensor is seen as a change for them.
+    try:
+        version = w._version
+    except RuntimeError:
+        version = -1
+    stamp = (w.data_ptr(), version, None if x is None else tuple(x.shape))
     hit = _packed.get(w)
     if hit is not None and hit[0] == stamp:
         return hit[1]
