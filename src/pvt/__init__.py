@@ -21,10 +21,12 @@ _LAZY_SUBMODULES = ("detection", "segmentation", "hub")
 
 
 def __getattr__(name: str) -> object:
-    if name in _LAZY_SUBMODULES:
-        import importlib
+    import importlib
 
+    if name in _LAZY_SUBMODULES:
         return importlib.import_module(f"pvt.{name}")
+    if name == "optimize_for_inference":  # bf16 / int8 inference (pvt.precision)
+        return importlib.import_module("pvt.precision").optimize_for_inference
     raise AttributeError(f"module 'pvt' has no attribute {name!r}")
 
 
@@ -43,5 +45,6 @@ __all__ = [
     "list_models",
     "load_checkpoint",
     "model_card",
+    "optimize_for_inference",
     "save_safetensors",
 ]

@@ -71,9 +71,10 @@ def speed(s: Settings) -> None:
     for name, peer_name, twins in (("pvt_v2_b0" if s.quick else "pvt_v2_b2", "timm", timm_twins),
                                    ("pvt_tiny" if s.quick else "pvt_small", "HF transformers", hf_twins)):  # fmt: skip
         ours, peer = twins(name)
-        gm = _gmacs(ours, (3, size, size))
+        side = 224 if peer_name.startswith("HF") else size  # HF's v1 resizes its position tables only to 224
+        gm = _gmacs(ours, (3, side, side))
         for batch in (1, 4) if s.quick else (1, 16):
-            x = torch.randn(batch, 3, size, size)
+            x = torch.randn(batch, 3, side, side)
             fns: dict[str, Callable[[], Any]] = {f"{peer_name} fp32 eager": _timed(peer, x)}
             if "bf16" in precisions and peer_name == "timm":
                 fns[f"{peer_name} bf16 autocast"] = _timed(peer, x, autocast=True)
@@ -83,7 +84,7 @@ def speed(s: Settings) -> None:
                     (["compile"] if p == "int8" else ["eager", "compile"]) if s.compile else ["eager"] * (p != "int8")
                 )
                 for mode in modes:
-                    calibration = [torch.randn(batch, 3, size, size) for _ in range(2)] if p == "int8" else None
+                    calibration = [torch.randn(batch, 3, side, side) for _ in range(2)] if p == "int8" else None
                     model = optimize_for_inference(
                         copy.deepcopy(ours), p, compile=mode == "compile", calibration=calibration
                     )
@@ -94,7 +95,7 @@ def speed(s: Settings) -> None:
                 p = label.rsplit(" ", 2)[1]
                 flops = None if gm is None else gm * batch
                 s.rows.append(
-                    Row("precision", f"{name} {size}px batch {batch}", label, 1e3 * t, repeats, flops, precision=p)
+                    Row("precision", f"{name} {side}px batch {batch}", label, 1e3 * t, repeats, flops, precision=p)
                 )
 
 

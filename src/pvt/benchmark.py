@@ -11,8 +11,10 @@ transformers' Pvt / PvtV2, torchvision ResNet-50 as the CNN reference), ``train`
 backward and AdamW step at batch 32), ``dense`` (multi-scale features at 512x512 and 800x1333;
 RetinaNet-PVT-Small vs torchvision's RetinaNet-ResNet-50 at 800x1333), ``scaling`` (latency and
 peak memory from 224 to 1024 px: PVT-Small, v2-b2, v2-b2-li vs timm ViT-Small/16), ``precision``
-(fp32 / bf16 autocast, eager / ``torch.compile``, ours without fused kernels or packed weights)
-and the machine's fp32 matmul peak. The process keeps freed memory (``pvt.runtime``) for all.
+(``pvt.bench_precision``: fp32 / bf16 / int8, eager and compiled, against timm's and HF's fp32, and
+the embedded presets' accuracy at each precision; plus ours without fused kernels or packed
+weights, the ``fused`` rows) and the machine's GEMM peak in each precision. The process keeps
+freed memory (``pvt.runtime``) and flushes denormals, for every contender alike.
 
 ``memory`` (not run by default: a leak check, not a comparison) trains the digits preset for 200
 iterations in a fresh process, as ``pvt train`` does, and checks its resident memory grows by less
