@@ -181,7 +181,7 @@ def test_every_task_answers_what_predict_prints(
         assert info["parameters"] > 0 and info["max_batch"] == 2
         with ThreadPoolExecutor(2) as pool:
             answers = list(pool.map(lambda im, mp: post_image(url, im, multipart=mp), images, [True, False]))
-    for response, image, want, sent_as in zip(answers, images, expected, [images[0].name, "upload"], strict=True):
+    for response, want, sent_as in zip(answers, expected, [images[0].name, "upload"], strict=True):
         assert response.status_code == 200, response.text
         assert response.headers["X-Batch-Size"] == "2"
         got = response.json()
@@ -196,9 +196,9 @@ def test_every_task_answers_what_predict_prints(
 
 
 def test_bad_requests_get_4xx_and_the_server_keeps_serving(trained: Callable[[str], Path], cache: Path) -> None:
-    image = images_of("classification", cache, 1)[0]
-    png = image.read_bytes()
-    with serving(trained("classification"), "--max-upload-mb", "1") as url, httpx.Client(base_url=url) as client:
+    ckpt = trained("classification")
+    png = images_of("classification", cache, 1)[0].read_bytes()
+    with serving(ckpt, "--max-upload-mb", "1") as url, httpx.Client(base_url=url) as client:
 
         def check(status: int, text: str, response: httpx.Response) -> None:
             assert response.status_code == status, response.text

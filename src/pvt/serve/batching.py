@@ -48,14 +48,20 @@ class Batcher(Generic[In, Out]):
         batch = [await self._queue.get()]
         deadline = loop.time() + self.wait_s
         while len(batch) < self.max_batch:
-            try:
-                if not self._queue.empty():
-                    batch.append(self._queue.get_nowait())
-                    continue
-                async with asyncio.timeout_at(deadline):
-                    batch.append(await self._queue.get())
-            except TimeoutError:
+            if not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+                continue
+            if loop.time() >= deadline:
                 break
+            # Not wait_for: before Python 3.12 it can drop an item that arrives as the time runs out.
+            getter = loop.create_task(self._queue.get())
+            await asyncio.wait({getter}, timeout=max(0.0, deadline - loop.time()))
+            if not getter.done():
+                getter.cancel()  # a cancelled get leaves its item in the queue
+                await asyncio.gather(getter, return_exceptions=True)
+            if getter.cancelled():
+                break
+            batch.append(getter.result())
         return batch
 
     async def _loop(self) -> None:
