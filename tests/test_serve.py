@@ -314,9 +314,11 @@ def test_batcher_fills_batches_and_isolates_a_failing_input() -> None:
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 
 
-def drive_page(url: str, image: Path, screenshot: Path, min_score: str | None = None) -> dict[str, Any]:
+def drive_page(
+    url: str, image: Path, screenshot: Path, min_score: str | None = None, script: str | None = None
+) -> dict[str, Any]:
     """Open the page in headless Chromium, upload ``image``, wait for the drawn result; returns what the
-    page shows. Also used to make the README's screenshot."""
+    page shows (and what ``script`` returns, run in the page). Also makes the README's screenshot."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
@@ -327,7 +329,7 @@ def drive_page(url: str, image: Path, screenshot: Path, min_score: str | None = 
     os.environ["SE_OFFLINE"] = "true"  # Selenium Manager must never try to download a browser or driver
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1100,760"):
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1200,880"):
         options.add_argument(arg)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     driver = webdriver.Chrome(options=options, service=Service(executable_path=CHROMEDRIVER))
@@ -351,6 +353,7 @@ def drive_page(url: str, image: Path, screenshot: Path, min_score: str | None = 
             "latency": driver.find_element(By.ID, "latency").text,
             "canvas": driver.execute_script("const c = document.getElementById('canvas'); return [c.width, c.height];"),
             "errors": [e["message"] for e in driver.get_log("browser") if e["level"] == "SEVERE"],
+            "script": driver.execute_script(script) if script else None,
         }
     finally:
         driver.quit()
@@ -363,8 +366,17 @@ def test_browser_uploads_an_image_and_sees_the_detections(
     ckpt = trained("retinanet")
     image = images_of("retinanet", cache, 1)[0]
     expected = predict_records(capsys, "retinanet", ckpt, [image])[0]
+    # Mask R-CNN's masks arrive as COCO RLE: the page's decoder must read pycocotools' strings.
+    from pycocotools import mask as mask_utils
+
+    mask = np.random.default_rng(0).random((37, 23)) < 0.3  # not square: a transposed reading shows
+    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))["counts"].decode("ascii")
+    flat = mask.flatten(order="F").astype(int)  # runs of 0s and 1s, column by column, 0s first
+    edges = [0, *(np.flatnonzero(np.diff(flat)) + 1).tolist(), flat.size]
+    runs = ([] if flat[0] == 0 else [0]) + np.diff(edges).tolist()
     with serving(ckpt, *[a for s in SERVE_SETS["retinanet"] for a in ("--set", s)]) as url:
-        shown = drive_page(url, image, tmp_path / "serve-page.png", min_score="0")
+        shown = drive_page(url, image, tmp_path / "serve-page.png", "0", f"return rleCounts({json.dumps(rle)})")
+    assert shown["script"] == runs
     assert shown["state"] == "done" and not shown["error"] and not shown["errors"], shown
     assert shown["model"].startswith("detection · retinanet / pvt_v2_b0")
     n = expected["detections"]

@@ -355,7 +355,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="time pvt-vision against timm, HF transformers and CNNs (needs [peers])")
     p.add_argument("--out", default="bench-results", help="folder for RESULTS.md, results.json and PNGs")
     p.add_argument(
-        "--suites", help="comma-separated subset of classify,train,dense,scaling,precision; or memory (a leak check)"
+        "--suites",
+        help="comma-separated subset of classify,train,dense,scaling,precision; or memory (a leak check), "
+        "serve (pvt serve under load, batching vs --max-batch 1)",
     )
     p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     p.add_argument("--repeats", type=int, default=7, help="alternating rounds per comparison (median)")
