@@ -283,6 +283,23 @@ def test_load_eight_clients_64_requests_all_correct(
     print(f"batch sizes seen under load: max {max(sizes)}, mean {sum(sizes) / len(sizes):.2f}")
 
 
+def test_multipart_uploads_stay_in_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    """python-multipart spills parts over 1 MiB to a temporary file by default; ours never do."""
+    import tempfile as tempfile_module
+
+    from pvt.serve.app import image_part
+
+    def no_files(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("an upload was written to a temporary file")
+
+    monkeypatch.setattr(tempfile_module, "NamedTemporaryFile", no_files)
+    monkeypatch.setattr(tempfile_module, "mkstemp", no_files)
+    payload = bytes(range(256)) * (12 << 10)  # 3 MiB
+    body = (b"--XyZ\r\nContent-Disposition: form-data; name=\"image\"; filename=\"big.png\"\r\n"
+            b"Content-Type: image/png\r\n\r\n" + payload + b"\r\n--XyZ--\r\n")  # fmt: skip
+    assert image_part("multipart/form-data; boundary=XyZ", body) == ("big.png", payload)
+
+
 def test_batcher_fills_batches_and_isolates_a_failing_input() -> None:
     from pvt.serve import Batcher
 

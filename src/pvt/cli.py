@@ -164,8 +164,12 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 def _cmd_serve(args: argparse.Namespace) -> int:
     """The model of any task behind an HTTP API and a web page (pvt.serve)."""
     from pvt.engine.config import read_yaml
-    from pvt.serve import ServeOptions, serve
     from pvt.tasks.published import whole_model_task
+
+    try:
+        from pvt.serve import ServeOptions, serve
+    except ImportError as e:
+        raise ValueError(f"pvt serve needs the serve extra: pip install 'pvt-vision[serve]' ({e})") from e
 
     ckpt = Path(args.checkpoint)
     run_config = ckpt.parent / "config.yaml"
