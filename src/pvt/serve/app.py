@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -31,6 +31,9 @@ from torch import nn
 from pvt.engine.config import Recipe
 from pvt.engine.task import Predictor
 from pvt.serve.batching import Batcher
+
+if TYPE_CHECKING:
+    from pvt.tasks.segmentation.task import SegmentationPredictor
 
 
 @dataclass
@@ -60,30 +63,34 @@ PREDICT_BODY = {
 
 def model_info(task: str, recipe: Recipe, model: nn.Module, predictor: Predictor) -> dict[str, Any]:
     """``GET /v1/model``: what is being served, for people and for the page."""
+    from pvt.tasks.detection.task import DetectionPredictor
+    from pvt.tasks.segmentation.task import SegmentationPredictor
+
     m: Any = recipe.model  # the task's own model section (detection: detector, min_size, ...)
     d = recipe.data
     info: dict[str, Any] = {"task": task, "architecture": m.name, "classes": predictor.classes}
-    if task == "classification":
-        info["input_size"] = [d.input_size, d.input_size]
-    elif task == "detection":
+    if isinstance(predictor, DetectionPredictor):
         info["architecture"] = f"{m.detector} / {m.name}"
-        info["category_ids"] = getattr(predictor, "category_ids", [])
+        info["category_ids"] = predictor.category_ids  # what the records' category_id values name
         info["input_size"] = {"min_size": list(m.min_size), "max_size": m.max_size}
-    else:
+    elif isinstance(predictor, SegmentationPredictor):
         info["architecture"] = f"semantic_fpn / {m.name}"
         info["input_size"] = {"scale": list(d.eval_scale), "mode": d.eval_mode}
-        info["palette"] = np.asarray(getattr(predictor, "colours", [])).tolist()
+        info["palette"] = predictor.colours.tolist()  # the overlay's colour of each class
+    else:
+        info["input_size"] = [d.input_size, d.input_size]
     info["parameters"] = sum(p.numel() for p in model.parameters())
     info["weights"] = str(m.checkpoint) if m.checkpoint else f"pretrained: {m.pretrained}"
     return info
 
 
 def create_app(predictor: Predictor, info: dict[str, Any], opts: ServeOptions) -> FastAPI:
+    from pvt.tasks.segmentation.task import SegmentationPredictor
+
     batcher: Batcher[torch.Tensor, Any] = Batcher(
         predictor.forward, max_batch=opts.max_batch, wait_s=opts.batch_wait_ms / 1000
     )
     limit = int(opts.max_upload_mb * 1024 * 1024)
-    segmentation = info["task"] == "segmentation"
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -123,7 +130,7 @@ def create_app(predictor: Predictor, info: dict[str, Any], opts: ServeOptions) -
         except ValueError as e:  # the model refuses this input (e.g. below its minimum size)
             raise HTTPException(422, f"cannot predict on this image: {e}") from e
         record = await run_in_threadpool(predictor.record, name, output)
-        if segmentation:
+        if isinstance(predictor, SegmentationPredictor):
             record.update(await run_in_threadpool(segmentation_pictures, predictor, x, output))
         record["latency_ms"] = round(1000 * (time.perf_counter() - start), 2)
         return JSONResponse(record, headers={"X-Batch-Size": str(batch)})
@@ -177,27 +184,27 @@ def decode(data: bytes) -> Image.Image:
         with Image.open(io.BytesIO(data)) as im:
             w, h = im.size
             if Image.MAX_IMAGE_PIXELS is not None and w * h > Image.MAX_IMAGE_PIXELS:
-                raise Image.DecompressionBombError(f"{w}x{h} pixels")  # PIL only warns up to twice the limit
+                # PIL itself refuses only beyond twice its limit (and warns below that).
+                raise Image.DecompressionBombError(f"{w}x{h} = {w * h} pixels")
             return im.convert("RGB")
     except UnidentifiedImageError as e:
         raise HTTPException(415, "not an image PIL can read (JPEG, PNG, WebP, BMP, TIFF, GIF, ...)") from e
     except Image.DecompressionBombError as e:
         raise HTTPException(
-            400, f"decompression bomb refused: {e} is over the limit of {Image.MAX_IMAGE_PIXELS} pixels"
+            400, f"decompression bomb refused ({e}); the limit is {Image.MAX_IMAGE_PIXELS} pixels"
         ) from e
     except (OSError, ValueError, SyntaxError, EOFError) as e:
         raise HTTPException(400, f"truncated or corrupt image: {e}") from e
 
 
-def segmentation_pictures(predictor: Predictor, x: torch.Tensor, label: np.ndarray) -> dict[str, str]:
+def segmentation_pictures(predictor: SegmentationPredictor, x: torch.Tensor, label: np.ndarray) -> dict[str, str]:
     """The two PNGs of ``pvt predict segmentation --out``, as ``data:`` URLs."""
     from pvt.tasks.segmentation.task import label_png, overlay
 
-    colours = getattr(predictor, "colours")  # noqa: B009 (a SegmentationPredictor's)
-    rgb = (x * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    rgb = (x * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()  # exactly the uploaded 8-bit pixels
     return {
-        "label_png": png_data_url(label_png(label, colours)),
-        "overlay_png": png_data_url(Image.fromarray(overlay(rgb, label, colours))),
+        "label_png": png_data_url(label_png(label, predictor.colours)),
+        "overlay_png": png_data_url(Image.fromarray(overlay(rgb, label, predictor.colours))),
     }
 
 
