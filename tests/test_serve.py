@@ -207,6 +207,8 @@ def test_bad_requests_get_4xx_and_the_server_keeps_serving(trained: Callable[[st
 
         check(400, "no image", client.post("/v1/predict", files={"note": (None, "hello")}))
         check(400, "no image", client.post("/v1/predict", content=b""))
+        no_boundary = {"Content-Type": "multipart/form-data"}
+        check(400, "malformed multipart", client.post("/v1/predict", content=png, headers=no_boundary))
         check(415, "not an image", client.post("/v1/predict", content=b"hello, world" * 10))
         check(415, "not an image", client.post("/v1/predict", files={"image": ("a.txt", b"plain text")}))
         check(400, "truncated or corrupt", client.post("/v1/predict", content=png[: len(png) // 2]))

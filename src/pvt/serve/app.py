@@ -162,9 +162,9 @@ def image_part(content_type: str, body: bytes) -> tuple[str, bytes]:
         return "upload", body
     files: list[File] = []
     # Everything stays in memory (the body is already capped), never in a temporary file.
-    parser = create_form_parser({"Content-Type": content_type.encode("latin-1")}, lambda field: None,
-                                files.append, config={"MAX_MEMORY_FILE_SIZE": float("inf")})  # fmt: skip
     try:
+        parser = create_form_parser({"Content-Type": content_type.encode("latin-1", "replace")}, lambda field: None,
+                                    files.append, config={"MAX_MEMORY_FILE_SIZE": float("inf")})  # fmt: skip
         parser.write(body)
         parser.finalize()
     except (FormParserError, ValueError) as e:
