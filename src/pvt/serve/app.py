@@ -221,7 +221,9 @@ def serve(task: str, recipe: Recipe, model: nn.Module, predictor: Predictor, opt
 
     app = create_app(predictor, model_info(task, recipe, model, predictor), opts)
     family = socket.AF_INET6 if ":" in opts.host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # IPPROTO_TCP named, not 0: asyncio sets TCP_NODELAY only on sockets that say so, and without it
+    # Nagle's algorithm held each response's second write ~40 ms on keep-alive connections.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((opts.host, opts.port))
     sock.listen(128)  # connections made as soon as the port is printed wait in the backlog

@@ -81,16 +81,18 @@ def serving(ckpt: Path, max_batch: int, threads: int) -> Iterator[int]:
     cmd = [sys.executable, "-m", "pvt.cli", "serve", "--checkpoint", str(ckpt), "--port", "0",
            "--max-batch", str(max_batch)]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, text=True)
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()  # the server prints its address once the model is loaded
-        if not line.startswith("serving on http://"):
-            raise RuntimeError(f"pvt serve did not start (exit {proc.wait()}): {line!r}")
-        yield int(line.rsplit(":", 1)[1])
-    finally:
-        proc.terminate()
-        proc.wait(timeout=60)
+    with tempfile.TemporaryFile() as log:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, env=env, text=True)
+        try:
+            assert proc.stdout is not None
+            line = proc.stdout.readline()  # the server prints its address once the model is loaded
+            if not line.startswith("serving on http://"):
+                log.seek(0)
+                raise RuntimeError(f"pvt serve did not start (exit {proc.wait()}):\n{log.read().decode()[-3000:]}")
+            yield int(line.rsplit(":", 1)[1])
+        finally:
+            proc.terminate()
+            proc.wait(timeout=60)
 
 
 def load(port: int, image: bytes, clients: int, requests: int) -> tuple[list[float], float, list[int]]:
