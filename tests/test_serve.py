@@ -168,8 +168,8 @@ def as_served(record: dict[str, Any], name: str) -> dict[str, Any]:
 def test_every_task_answers_what_predict_prints(
     name: str, trained: Callable[[str], Path], cache: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """Two images sent at once (one multipart, one raw body) run as one batch of two (the server waits
-    up to a minute for a full batch) and each answer is predict's record for that image."""
+    """Two images (one multipart, one raw body) run as one batch of two (the server waits up to a
+    minute for a full batch) and each answer is predict's record for that image."""
     ckpt = trained(name)
     images = images_of(name, cache)
     expected = predict_records(capsys, name, ckpt, images, tmp_path / "pred")
@@ -179,8 +179,12 @@ def test_every_task_answers_what_predict_prints(
         classes = json.loads((ckpt.parent / "task.json").read_text())["classes"]
         assert info["task"] == RUNS[name][0] and info["classes"] == classes and info["weights"] == str(ckpt)
         assert info["parameters"] > 0 and info["max_batch"] == 2
-        with ThreadPoolExecutor(2) as pool:
-            answers = list(pool.map(lambda im, mp: post_image(url, im, multipart=mp), images, [True, False]))
+        with ThreadPoolExecutor(1) as pool:
+            first = pool.submit(post_image, url, images[0], multipart=True)
+            # It waits for a batch-mate, and meanwhile the server answers other requests.
+            assert httpx.get(f"{url}/healthz").json() == {"status": "ok"} and not first.done()
+            second = post_image(url, images[1], multipart=False)
+            answers = [first.result(), second]
     for response, want, sent_as in zip(answers, expected, [images[0].name, "upload"], strict=True):
         assert response.status_code == 200, response.text
         assert response.headers["X-Batch-Size"] == "2"
