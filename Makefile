@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.pvt-installed
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup demo test lint clean
+.PHONY: setup demo test lint clean browser
 
 setup: $(STAMP)
 
@@ -19,8 +19,15 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(PY) -m pvt.demo $(DEMO_ARGS)
 
-test: setup
+test: setup browser
 	$(PY) -m pytest
+
+# Debian's chromium and its driver for the browser test of `pvt serve` (Selenium is pointed at them:
+# nothing is downloaded at test time). Installed only when missing; apt-get update only then.
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium chromium-driver; }
 
 lint: setup
 	$(PY) -m ruff check src tests

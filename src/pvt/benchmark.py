@@ -46,8 +46,8 @@ from pvt.peers import check_twins, hf_twins, timm_twins
 from pvt.precision import CPU_FLAGS, cpu_info
 
 SUITES = ("classify", "train", "dense", "scaling", "precision")  # the default run
-EXTRA_SUITES = ("memory",)
-PRECISIONS = ("fp32", "bf16", "int8")  # by name only: pvt bench --suites memory
+EXTRA_SUITES = ("memory", "serve")  # by name only: pvt bench --suites memory
+PRECISIONS = ("fp32", "bf16", "int8")
 MEMORY_BOUND_PCT = 5.0  # the memory suite's bound on RSS growth after the first epoch
 
 
@@ -67,6 +67,8 @@ class Row:
     rss_end_mib: float | None = None  # ... and at the end of training
     precision: str = "fp32"  # the arithmetic (its GEMM peak is the row's % of peak)
     metrics: dict[str, float] = field(default_factory=dict)  # precision-accuracy rows
+    rps: float | None = None  # serve suite: requests per second (``ms`` is the p50 latency) ...
+    p99_ms: float | None = None  # ... and the p99 latency
 
     @property
     def growth_pct(self) -> float | None:
@@ -386,6 +388,12 @@ def suite_memory(s: Settings) -> None:
                       rss_epoch1_mib=m["epoch1_mib"], rss_end_mib=m["end_mib"]))  # fmt: skip
 
 
+def _suite_serve(s: Settings) -> None:
+    from pvt.serve.bench import suite_serve  # needs the serve extra
+
+    suite_serve(s)
+
+
 def machine() -> dict[str, str]:
     cpu = platform.processor() or platform.machine()
     try:
@@ -430,6 +438,9 @@ def report(rows: list[Row], info: dict[str, str], peaks: dict[str, float]) -> st
         if suite == "memory":
             lines += _memory_table([r for r in rows if r.suite == suite])
             continue
+        if suite == "serve":
+            lines += _serve_table([r for r in rows if r.suite == suite])
+            continue
         lines += [
             "| setting | contender | ms | speed-up of pvt-vision | GFLOP/s | % of peak |",
             "|---|---|---|---|---|---|",
@@ -469,6 +480,15 @@ def _memory_table(rows: list[Row]) -> list[str]:
         out.append(
             f"| {r.setting} | {r.ms:.0f} | {r.rss_epoch1_mib:.0f} | {r.rss_end_mib:.0f} | {growth:+.1f}% | {verdict} |"
         )
+    return [*out, ""]
+
+
+def _serve_table(rows: list[Row]) -> list[str]:
+    out = ["`pvt serve` in a subprocess, clients on keep-alive connections (pvt.serve.bench):", "",
+           "| setting | server | requests/s | p50 ms | p99 ms | requests | mean batch |", "|---" * 7 + "|"]  # fmt: skip
+    for r in rows:
+        out.append(f"| {r.setting} | {r.contender} | {r.rps:.1f} | {r.ms:.0f} | {r.p99_ms:.0f} | {r.repeats} | "
+                   f"{r.note.removeprefix('mean batch ')} |")  # fmt: skip
     return [*out, ""]
 
 
@@ -534,7 +554,8 @@ def run(settings: Settings, out_dir: str | Path) -> Path:
         old = json.loads((out / "results.json").read_text())
         settings.rows += [Row(**r) for r in old["rows"] if r["suite"] not in settings.suites]
     suites = {"classify": suite_classify, "train": suite_train, "dense": suite_dense,
-              "scaling": suite_scaling, "precision": suite_precision, "memory": suite_memory}  # fmt: skip
+              "scaling": suite_scaling, "precision": suite_precision, "memory": suite_memory,
+              "serve": _suite_serve}  # fmt: skip
     for name in settings.suites:
         if name not in suites:
             raise ValueError(f"unknown suite {name!r}; choose from {', '.join(SUITES + EXTRA_SUITES)}")

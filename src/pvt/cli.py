@@ -193,6 +193,32 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    """The model of any task behind an HTTP API and a web page (pvt.serve)."""
+    from pvt.engine.config import read_yaml
+    from pvt.tasks.published import whole_model_task
+
+    try:
+        from pvt.serve import ServeOptions, serve
+    except ImportError as e:
+        raise ValueError(f"pvt serve needs the serve extra: pip install 'pvt-vision[serve]' ({e})") from e
+
+    ckpt = Path(args.checkpoint)
+    run_config = ckpt.parent / "config.yaml"
+    # The task, as the weights' run (or a converted file's header) says; a plain model file classifies.
+    task_name = args.task or (read_yaml(run_config).get("task") if run_config.is_file() else None)
+    task, recipe = _recipe(args, task_name or whole_model_task(ckpt) or "classification", None)
+    model = task.build_model(recipe).eval()
+    prepare = _precision_prep(args, task, recipe)
+    if prepare is not None:  # compiled precisions compile once per batch shape, on its first request
+        model = prepare(model, next(model.parameters()).device)
+    meta = ckpt.parent / "task.json"
+    artifacts = json.loads(meta.read_text()) if meta.is_file() else {}
+    opts = ServeOptions(args.host, args.port, args.max_batch, args.batch_wait_ms, args.max_upload_mb)
+    serve(task.name, recipe, model, task.predictor(model, recipe, artifacts), opts)
+    return 0
+
+
 def _cmd_weights(args: argparse.Namespace) -> int:
     from pvt.hub import is_cached, list_sources
 
@@ -351,6 +377,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_precision_args(p)
     p.set_defaults(func=_cmd_predict)
 
+    p = sub.add_parser("serve", help="serve a model over HTTP: a JSON API and a web page (needs [serve])")
+    p.add_argument("--checkpoint", required=True, help="weights; a run's config.yaml beside them is used")
+    p.add_argument("--task", choices=TASKS, help="default: the run's config.yaml, or the file's own")
+    p.add_argument("--preset", help="a shipped preset name or a recipe YAML path (default: the run's config.yaml)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe field, repeatable")
+    _add_allow_nonfinite(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (0: any free one; the chosen one is printed)")
+    p.add_argument("--max-batch", type=int, default=8, help="most images per forward pass (1: no batching)")
+    p.add_argument("--batch-wait-ms", type=float, default=5.0, help="how long a request waits for batch-mates")
+    p.add_argument("--max-upload-mb", type=float, default=20.0, help="larger uploads are refused with 413")
+    _add_precision_args(p)
+    p.set_defaults(func=_cmd_serve)
+
     p = sub.add_parser("weights", help="list the published weights: source, metric, whether cached")
     p.add_argument("pattern", nargs="?", default="*", help="shell pattern on NAME or NAME:TAG, e.g. 'pvt_v2_*'")
     p.add_argument("--task", choices=("imagenet", "coco", "ade20k"), help="only this task's weights")
@@ -368,7 +408,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="time pvt-vision against timm, HF transformers and CNNs (needs [peers])")
     p.add_argument("--out", default="bench-results", help="folder for RESULTS.md, results.json and PNGs")
     p.add_argument(
-        "--suites", help="comma-separated subset of classify,train,dense,scaling,precision; or memory (a leak check)"
+        "--suites",
+        help="comma-separated subset of classify,train,dense,scaling,precision; or memory (a leak check), "
+        "serve (pvt serve under load, batching vs --max-batch 1)",
     )
     p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     p.add_argument("--repeats", type=int, default=7, help="alternating rounds per comparison (median)")

@@ -10,7 +10,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -18,6 +18,9 @@ from torch.utils.data import Dataset
 
 from pvt.engine.config import ModelConfig, Recipe
 from pvt.engine.distributed import DistInfo
+
+if TYPE_CHECKING:
+    from PIL.Image import Image
 
 
 @dataclass
@@ -27,6 +30,25 @@ class LoaderConfig:
     batch_size: int = 128  # per process
     eval_batch_size: int | None = None  # default 1.5x batch_size
     workers: int = 4
+
+
+class Predictor(ABC):
+    """A model's predictions on decoded images, a batch at a time: the one code path behind
+    ``pvt predict`` (files, one by one) and ``pvt serve`` (uploads, in dynamic batches)."""
+
+    classes: list[str]  # class names, in the order of the model's outputs
+
+    @abstractmethod
+    def prepare(self, image: Image) -> torch.Tensor:
+        """An RGB image -> the model's input for it (CPU work, done before batching)."""
+
+    @abstractmethod
+    def forward(self, inputs: list[torch.Tensor]) -> list[Any]:
+        """The raw prediction of each input, computed as one batch."""
+
+    @abstractmethod
+    def record(self, name: str, output: Any, index: int = 0) -> dict[str, Any]:
+        """The JSON record of one image (``index``: its position among the inputs, for ids)."""
 
 
 class Task(ABC):
@@ -80,6 +102,10 @@ class Task(ABC):
     ) -> list[dict[str, Any]]:
         """Predictions for image files, one record per image (written under ``out_dir`` if set)."""
         raise NotImplementedError(f"{self.name} has no predict yet")
+
+    def predictor(self, model: nn.Module, recipe: Recipe, artifacts: dict[str, Any]) -> Predictor:
+        """What ``predict`` runs per batch of images; ``artifacts`` is the run's ``task.json``."""
+        raise NotImplementedError(f"{self.name} has no predictor yet")
 
     def param_group_kwargs(self) -> dict[str, Any]:
         """Where the head and the PVT backbone live in this task's model (for param groups)."""

@@ -17,7 +17,7 @@ from torch.utils.data import Dataset
 from pvt.datasets.files import expand_inputs
 from pvt.engine.config import Recipe
 from pvt.engine.distributed import DistInfo, all_reduce_sum
-from pvt.engine.task import Task
+from pvt.engine.task import Predictor, Task
 from pvt.io import atomic_write
 from pvt.models import create_model
 from pvt.tasks.classification.data import (
@@ -28,6 +28,8 @@ from pvt.tasks.classification.data import (
 )
 
 if TYPE_CHECKING:
+    from PIL.Image import Image
+
     from pvt.hub import WeightsSource
 
 
@@ -97,34 +99,19 @@ class ClassificationTask(Task):
         out_dir: str | None,
     ) -> list[dict[str, Any]]:
         """Top-5 classes with probabilities for each image file (or every image in a folder)."""
-        transform = build_transforms(eval_data(recipe), train=False)
-        classes = artifacts.get("classes") or []
-        if not classes and imagenet_source(recipe) is not None:
-            from pvt.hub import imagenet_classes
-
-            classes = list(imagenet_classes())
-        paths = expand_inputs(inputs)
-        device = next(model.parameters()).device
+        predictor = self.predictor(model, recipe, artifacts)
         results = []
-        for path in paths:
-            x = transform(load_image(path))[None].to(device)
-            with torch.inference_mode():
-                probs = model(x).float().softmax(dim=-1)[0]
-            top = probs.topk(min(5, probs.numel()))
-            results.append(
-                {
-                    "image": path,
-                    "top5": [
-                        {"label": classes[i] if i < len(classes) else str(i), "index": i, "prob": round(p, 5)}
-                        for p, i in zip(top.values.tolist(), top.indices.tolist(), strict=True)
-                    ],
-                }
-            )
+        for path in expand_inputs(inputs):
+            x = predictor.prepare(load_image(path))
+            results.append(predictor.record(path, predictor.forward([x])[0]))
         if out_dir is not None:
             out = Path(out_dir) / "predictions.json"
             text = json.dumps(results, indent=2) + "\n"
             atomic_write(out, lambda tmp: Path(tmp).write_text(text))
         return results
+
+    def predictor(self, model: nn.Module, recipe: Recipe, artifacts: dict[str, Any]) -> Predictor:
+        return ClassificationPredictor(model, recipe, artifacts)
 
     def loss(self, model: nn.Module, batch: Any, device: torch.device) -> torch.Tensor:
         images, targets = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
@@ -163,6 +150,38 @@ class ClassificationTask(Task):
             "top5": 100.0 * acc[1].item() / n,
             "loss": acc[3].item() / n,
             "count": acc[2].item(),
+        }
+
+
+class ClassificationPredictor(Predictor):
+    """The evaluation transform, a batched forward and the top-5 record."""
+
+    def __init__(self, model: nn.Module, recipe: Recipe, artifacts: dict[str, Any]) -> None:
+        self.model = model.eval()
+        self.transform = build_transforms(eval_data(recipe), train=False)
+        self.classes = list(artifacts.get("classes") or [])
+        if not self.classes and imagenet_source(recipe) is not None:
+            from pvt.hub import imagenet_classes
+
+            self.classes = list(imagenet_classes())
+
+    def prepare(self, image: Image) -> torch.Tensor:
+        return self.transform(image)  # type: ignore[no-any-return]
+
+    def forward(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        x = torch.stack(inputs).to(next(self.model.parameters()).device)
+        with torch.inference_mode():
+            return list(self.model(x).float().softmax(dim=-1).cpu())
+
+    def record(self, name: str, output: torch.Tensor, index: int = 0) -> dict[str, Any]:
+        top = output.topk(min(5, output.numel()))
+        classes = self.classes
+        return {
+            "image": name,
+            "top5": [
+                {"label": classes[i] if i < len(classes) else str(i), "index": i, "prob": round(p, 5)}
+                for p, i in zip(top.values.tolist(), top.indices.tolist(), strict=True)
+            ],
         }
 
 

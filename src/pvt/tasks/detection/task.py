@@ -7,7 +7,7 @@ import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -15,12 +15,15 @@ from torch.utils.data import Dataset
 
 from pvt.engine.config import ModelConfig, Recipe
 from pvt.engine.distributed import DistInfo, gather_objects
-from pvt.engine.task import Task
+from pvt.engine.task import Predictor, Task
 from pvt.io import atomic_write, save_png
 from pvt.tasks.detection.coco import COCO_CATEGORY_IDS, COCO_CLASSES
 from pvt.tasks.detection.data import CocoDetection, DetectionData, coco_paths, collate
 from pvt.tasks.detection.evaluate import STAT_NAMES, coco_evaluate, to_coco_results
 from pvt.tasks.detection.models import mask_rcnn, retinanet
+
+if TYPE_CHECKING:
+    from PIL.Image import Image
 
 
 @dataclass
@@ -191,39 +194,24 @@ class DetectionTask(Task):
     ) -> list[dict[str, Any]]:
         """COCO-format results per image; with ``out_dir``, ``results.json`` and annotated PNGs."""
         from PIL import Image
-        from torchvision.transforms import v2
         from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
         from pvt.datasets.files import expand_inputs
 
-        classes = artifacts.get("classes") or getattr(model, "class_names", None) or []
-        cat_ids = artifacts.get("category_ids") or list(range(1, recipe.model.num_classes + 1))
-        if not artifacts and recipe.model.num_classes == 80 and recipe.data.dataset == "coco":
-            # A published COCO detector (no training run beside it): COCO's own names and ids.
-            classes, cat_ids = classes or list(COCO_CLASSES), list(COCO_CATEGORY_IDS)
-        detector = getattr(recipe.model, "detector", "")
-        offset = int(artifacts.get("label_offset", 1 if detector == "mask_rcnn" else 0))
-        label_to_cat = {i + offset: c for i, c in enumerate(cat_ids)}
-        names = {i + offset: (classes[i] if i < len(classes) else str(c)) for i, c in enumerate(cat_ids)}
+        predictor = self.predictor(model, recipe, artifacts)
         out = Path(out_dir) if out_dir else None
         records: list[dict[str, Any]] = []
-        model.eval()
         for i, path in enumerate(expand_inputs(inputs)):
             with Image.open(path) as im:
-                pil = im.convert("RGB")
-            image = v2.functional.to_dtype(v2.functional.to_image(pil), torch.float32, scale=True)
-            with torch.inference_mode():
-                pred = model([image])[0]
-            dets = to_coco_results([pred], [i + 1], label_to_cat, masks="masks" in pred)
-            for d in dets:
-                d["file_name"] = path
-            records.append({"image": path, "detections": len(dets), "results": dets})
+                image = predictor.prepare(im.convert("RGB"))
+            pred = predictor.forward([image])[0]
+            records.append(predictor.record(path, pred, i))
             if out is not None:
                 keep = pred["scores"] >= 0.3
                 canvas = (image * 255).to(torch.uint8)
                 if "masks" in pred and keep.any():
                     canvas = draw_segmentation_masks(canvas, pred["masks"][keep, 0] > 0.5, alpha=0.4)
-                labels = [f"{names.get(int(lbl), lbl)} {s:.2f}" for lbl, s in
+                labels = [f"{predictor.names.get(int(lbl), lbl)} {s:.2f}" for lbl, s in
                           zip(pred["labels"][keep].tolist(), pred["scores"][keep].tolist(), strict=True)]  # fmt: skip
                 canvas = draw_bounding_boxes(canvas, pred["boxes"][keep], labels=labels, colors="yellow", width=2)
                 save_png(Image.fromarray(canvas.permute(1, 2, 0).numpy()), out / f"{Path(path).stem}_pred.png")
@@ -232,5 +220,41 @@ class DetectionTask(Task):
             atomic_write(out / "results.json", lambda tmp: Path(tmp).write_text(text))
         return records
 
+    def predictor(self, model: nn.Module, recipe: Recipe, artifacts: dict[str, Any]) -> DetectionPredictor:
+        return DetectionPredictor(model, recipe, artifacts)
 
-__all__ = ["STAT_NAMES", "DetectionModel", "DetectionTask", "build_detector"]
+
+class DetectionPredictor(Predictor):
+    """Images of any size as one list (the detector resizes and pads them itself); COCO records."""
+
+    def __init__(self, model: nn.Module, recipe: Recipe, artifacts: dict[str, Any]) -> None:
+        self.model = model.eval()
+        classes = artifacts.get("classes") or getattr(model, "class_names", None) or []
+        cat_ids = artifacts.get("category_ids") or list(range(1, recipe.model.num_classes + 1))
+        if not artifacts and recipe.model.num_classes == 80 and recipe.data.dataset == "coco":
+            # A published COCO detector (no training run beside it): COCO's own names and ids.
+            classes, cat_ids = classes or list(COCO_CLASSES), list(COCO_CATEGORY_IDS)
+        detector = getattr(recipe.model, "detector", "")
+        offset = int(artifacts.get("label_offset", 1 if detector == "mask_rcnn" else 0))
+        self.label_to_cat = {i + offset: c for i, c in enumerate(cat_ids)}
+        self.names = {i + offset: (classes[i] if i < len(classes) else str(c)) for i, c in enumerate(cat_ids)}
+        self.classes = list(self.names.values())
+        self.category_ids = [int(c) for c in cat_ids]
+
+    def prepare(self, image: Image) -> torch.Tensor:
+        from torchvision.transforms import v2
+
+        return v2.functional.to_dtype(v2.functional.to_image(image), torch.float32, scale=True)
+
+    def forward(self, inputs: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        with torch.inference_mode():
+            return list(self.model(inputs))
+
+    def record(self, name: str, output: dict[str, torch.Tensor], index: int = 0) -> dict[str, Any]:
+        dets = to_coco_results([output], [index + 1], self.label_to_cat, masks="masks" in output)
+        for d in dets:
+            d["file_name"] = name
+        return {"image": name, "detections": len(dets), "results": dets}
+
+
+__all__ = ["STAT_NAMES", "DetectionModel", "DetectionPredictor", "DetectionTask", "build_detector"]

@@ -72,22 +72,56 @@ def infer(
     Each (ratio, flip) view is resized with :func:`align_resize`, run whole or in windows, resized
     back, soft-maxed and averaged, as mmseg's test-time augmentation.
     """
+    return infer_batch(model, [image], scale=scale, align=align, mode=mode, crop=crop, stride=stride, flip=flip,
+                       ratios=ratios)[0]  # fmt: skip
+
+
+def infer_batch(
+    model: nn.Module,
+    images: list[Tensor],
+    *,
+    scale: tuple[int, int] = (2048, 512),
+    align: int = 32,
+    mode: str = "whole",
+    crop: tuple[int, int] = (512, 512),
+    stride: tuple[int, int] = (341, 341),
+    flip: bool = False,
+    ratios: tuple[float, ...] = (1.0,),
+) -> list[Tensor]:
+    """:func:`infer` for several images: in ``whole`` mode the views that resize to the same size
+    run through the model as one batch (a server's dynamic batches); one image is exactly ``infer``."""
     if mode not in ("whole", "slide"):
         raise ValueError(f"data.eval_mode={mode!r}: expected 'whole' or 'slide'")
-    H, W = image.shape[-2:]
-    probs: Tensor | None = None
+    probs: list[Tensor | None] = [None] * len(images)
     views = 0
     for ratio in ratios:
-        x = align_resize(image, scale, ratio, align)
+        resized = [align_resize(image, scale, ratio, align) for image in images]
         for flipped in (False, True) if flip else (False,):
-            view = x.flip(-1) if flipped else x
-            logits = model(view) if mode == "whole" else slide_logits(model, view, crop, stride)
-            logits = logits.flip(-1) if flipped else logits
-            p = F.interpolate(logits.float(), size=(H, W), mode="bilinear", align_corners=False).softmax(1)[0]
-            probs = p if probs is None else probs + p
+            batch = [x.flip(-1) if flipped else x for x in resized]
+            for i, logits in enumerate(_view_logits(model, batch, mode, crop, stride)):
+                logits = logits.flip(-1) if flipped else logits
+                size = images[i].shape[-2:]
+                p = F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=False).softmax(1)[0]
+                prev = probs[i]
+                probs[i] = p if prev is None else prev + p
             views += 1
-    assert probs is not None
-    return probs / views
+    return [p / views for p in probs if p is not None]
+
+
+def _view_logits(
+    model: nn.Module, views: list[Tensor], mode: str, crop: tuple[int, int], stride: tuple[int, int]
+) -> list[Tensor]:
+    """Logits ``[1, C, h, w]`` of each view ``[1, 3, h, w]``; whole views of one size share a forward."""
+    if mode == "slide":
+        return [slide_logits(model, v, crop, stride) for v in views]
+    out: dict[int, Tensor] = {}
+    by_size: dict[tuple[int, ...], list[int]] = {}
+    for i, v in enumerate(views):
+        by_size.setdefault(tuple(v.shape[-2:]), []).append(i)
+    for members in by_size.values():
+        logits = model(torch.cat([views[i] for i in members]))
+        out.update({i: logits[j : j + 1] for j, i in enumerate(members)})
+    return [out[i] for i in range(len(views))]
 
 
 @torch.inference_mode()

@@ -6,7 +6,7 @@ import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -16,7 +16,7 @@ from torch.utils.data import Dataset
 
 from pvt.engine.config import ModelConfig, Recipe
 from pvt.engine.distributed import DistInfo, all_reduce_sum
-from pvt.engine.task import Task
+from pvt.engine.task import Predictor, Task
 from pvt.io import save_png
 from pvt.tasks.segmentation.data import (
     SegmentationData,
@@ -26,9 +26,12 @@ from pvt.tasks.segmentation.data import (
     collate,
     split_folders,
 )
-from pvt.tasks.segmentation.inference import infer
+from pvt.tasks.segmentation.inference import infer, infer_batch
 from pvt.tasks.segmentation.metrics import confusion_matrix, per_class_table, segmentation_metrics
 from pvt.tasks.segmentation.models import semantic_fpn
+
+if TYPE_CHECKING:
+    from PIL.Image import Image
 
 
 @dataclass
@@ -203,37 +206,62 @@ class SegmentationTask(Task):
 
         from pvt.datasets.files import expand_inputs
 
-        d: SegmentationData = recipe.data
-        n = recipe.model.num_classes
-        names = list(artifacts.get("classes") or getattr(model, "class_names", None) or class_names(d, n))
-        colours = palette(n)
+        predictor = self.predictor(model, recipe, artifacts)
         out = Path(out_dir) if out_dir else None
         records: list[dict[str, Any]] = []
-        model.eval()
         for path in expand_inputs(inputs):
             try:
                 with Image.open(path) as im:
-                    rgb = np.asarray(im.convert("RGB"))
+                    rgb = im.convert("RGB")
             except OSError as e:
                 raise ValueError(f"{path}: cannot read this image ({e})") from e
-            image = torch.from_numpy(rgb.copy()).permute(2, 0, 1).float().div(255)
-            with torch.inference_mode():
-                label = infer(model, image, **self.infer_kwargs(d)).argmax(0).numpy()
-            ids, counts = np.unique(label, return_counts=True)
-            record: dict[str, Any] = {
-                "image": path,
-                "classes": {
-                    names[i]: round(c / label.size, 4) for i, c in zip(ids.tolist(), counts.tolist(), strict=True)
-                },
-            }
+            label = predictor.forward([predictor.prepare(rgb)])[0]
+            record = predictor.record(path, label)
             if out is not None:
                 stem = Path(path).stem
                 record["label_png"] = str(out / f"{stem}_label.png")
                 record["overlay_png"] = str(out / f"{stem}_overlay.png")
-                save_png(label_png(label, colours), record["label_png"])
-                save_png(Image.fromarray(overlay(rgb, label, colours)), record["overlay_png"])
+                save_png(label_png(label, predictor.colours), record["label_png"])
+                save_png(Image.fromarray(overlay(np.asarray(rgb), label, predictor.colours)), record["overlay_png"])
             records.append(record)
         return records
 
+    def predictor(self, model: nn.Module, recipe: Recipe, artifacts: dict[str, Any]) -> SegmentationPredictor:
+        return SegmentationPredictor(model, recipe, artifacts, self.infer_kwargs(recipe.data))
 
-__all__ = ["SegmentationModel", "SegmentationTask", "build_segmenter", "label_png", "overlay", "palette"]
+
+class SegmentationPredictor(Predictor):
+    """The test-time inference of the recipe (same-size images share a forward); pixel shares."""
+
+    def __init__(
+        self, model: nn.Module, recipe: Recipe, artifacts: dict[str, Any], infer_kwargs: dict[str, Any]
+    ) -> None:
+        self.model = model.eval()
+        n = recipe.model.num_classes
+        names = artifacts.get("classes") or getattr(model, "class_names", None) or class_names(recipe.data, n)
+        self.classes = list(names)
+        self.colours = palette(n)
+        self.infer_kwargs = infer_kwargs
+
+    def prepare(self, image: Image) -> torch.Tensor:
+        return torch.from_numpy(np.asarray(image.convert("RGB")).copy()).permute(2, 0, 1).float().div(255)
+
+    def forward(self, inputs: list[torch.Tensor]) -> list[np.ndarray]:
+        with torch.inference_mode():
+            return [p.argmax(0).numpy() for p in infer_batch(self.model, inputs, **self.infer_kwargs)]
+
+    def record(self, name: str, output: np.ndarray, index: int = 0) -> dict[str, Any]:
+        ids, counts = np.unique(output, return_counts=True)
+        shares = zip(ids.tolist(), counts.tolist(), strict=True)
+        return {"image": name, "classes": {self.classes[i]: round(c / output.size, 4) for i, c in shares}}
+
+
+__all__ = [
+    "SegmentationModel",
+    "SegmentationPredictor",
+    "SegmentationTask",
+    "build_segmenter",
+    "label_png",
+    "overlay",
+    "palette",
+]
