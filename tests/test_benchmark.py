@@ -44,7 +44,7 @@ def test_quick_run_writes_results_and_plots(digits_cache: Path, tmp_path: Path) 
 
     assert main(["bench", "--quick", "--repeats", "1", "--no-compile", "--out", str(tmp_path)]) == 0
     data = json.loads((tmp_path / "results.json").read_text())
-    suites = {"classify", "train", "dense", "scaling", "precision", "fused", "precision-accuracy"}
+    suites = {"classify", "train", "dense", "scaling", "precision", "accuracy"}
     assert {r["suite"] for r in data["rows"]} == suites
     assert all(r["ms"] > 0 for r in data["rows"]) and data["matmul_peak_gflops"] > 0
     assert {r["contender"] for r in data["rows"] if r["suite"] == "classify"} == {

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from pvt.models import fused
 from pvt.precision import cpu_info, optimize_for_inference, resolve_precision
 
 if TYPE_CHECKING:
@@ -61,6 +62,23 @@ def _timed(model: nn.Module, x: torch.Tensor, autocast: bool = False) -> Callabl
     return run
 
 
+def _switched(run: Callable[[], Any], switch: Callable[[bool], bool]) -> Callable[[], Any]:
+    """``run`` with a process-wide fused-path setting off for the call."""
+
+    def off() -> Any:
+        previous = switch(False)
+        try:
+            return run()
+        finally:
+            switch(previous)
+
+    return off
+
+
+def _unpacked(enabled: bool) -> bool:
+    return fused.set_packing(enabled, release_packed=False)
+
+
 def speed(s: Settings) -> None:
     """pvt_v2_b2 vs timm and PVT-Small vs HF transformers, at every precision, batch 1 and 16."""
     from pvt.benchmark import Row, _gmacs, alternate
@@ -79,16 +97,19 @@ def speed(s: Settings) -> None:
             if "bf16" in precisions and peer_name == "timm":
                 fns[f"{peer_name} bf16 autocast"] = _timed(peer, x, autocast=True)
             for p in precisions:
-                # int8 runs compiled only (its eager graph is the reference quantised maths, slow).
-                modes = (
-                    (["compile"] if p == "int8" else ["eager", "compile"]) if s.compile else ["eager"] * (p != "int8")
-                )
+                # int8 runs compiled only (its eager graph is the reference quantised maths, slow);
+                # fp32 / bf16 compiled against timm only: each compile takes minutes on 2 cores.
+                compiled = ["compile"] if s.compile and (p == "int8" or peer_name == "timm") else []
+                modes = ([] if p == "int8" else ["eager"]) + compiled
                 for mode in modes:
                     calibration = [torch.randn(batch, 3, side, side) for _ in range(2)] if p == "int8" else None
                     model = optimize_for_inference(
                         copy.deepcopy(ours), p, compile=mode == "compile", calibration=calibration
                     )
                     fns[f"pvt-vision {p} {mode}"] = _timed(model, x)
+            if batch == 1 and peer_name == "timm":  # what the fused kernels and the packed weights are worth
+                fns["pvt-vision fp32 eager-unfused"] = _switched(fns["pvt-vision fp32 eager"], fused.set_enabled)
+                fns["pvt-vision fp32 eager-unpacked"] = _switched(fns["pvt-vision fp32 eager"], _unpacked)
             repeats = 2 * s.repeats if batch == 1 else s.repeats
             times = alternate(fns, repeats, warmup=2)  # compiled contenders compile in the warm-up
             for label, t in times.items():
@@ -151,7 +172,7 @@ def accuracy(s: Settings) -> None:
                 metrics = run_evaluation(task, recipe, prepare)
             seconds = time.perf_counter() - start
             shown = {k: metrics[k] for k in (*task.headline, "agreement") if k in metrics}
-            s.rows.append(Row("precision-accuracy", preset, f"pvt-vision {p}", 1e3 * seconds, 1, precision=p,
+            s.rows.append(Row("accuracy", preset, f"pvt-vision {p}", 1e3 * seconds, 1, precision=p,
                               metrics=shown))  # fmt: skip
 
 
@@ -192,7 +213,7 @@ def tables(rows: list[Any], peaks: dict[str, float]) -> list[str]:
             mine = "" if ours is None else f"{ours.ms / r.ms:.2f}x"
             out.append(f"| {r.setting} | {r.contender} | {r.ms:.1f} | {peer.ms / r.ms:.2f}x | {mine} {rate}")
         out.append("")
-    acc_rows = [r for r in rows if r.suite == "precision-accuracy"]
+    acc_rows = [r for r in rows if r.suite == "accuracy"]
     if acc_rows:
         out += ["Accuracy of the embedded presets' trained models (evaluation split; int8 calibrated on 32 "
                 "training images; seconds include int8's quantisation and compilation):", "",

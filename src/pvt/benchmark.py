@@ -41,11 +41,10 @@ from torch import nn
 from pvt import runtime
 from pvt.bench_precision import gemm_peaks
 from pvt.complexity import complexity
-from pvt.models import fused
 from pvt.peers import check_twins, hf_twins, timm_twins
 from pvt.precision import CPU_FLAGS, cpu_info
 
-SUITES = ("classify", "train", "dense", "scaling", "precision")  # the default run
+SUITES = ("classify", "train", "dense", "scaling", "precision", "accuracy")  # the default run
 EXTRA_SUITES = ("memory", "serve")  # by name only: pvt bench --suites memory
 PRECISIONS = ("fp32", "bf16", "int8")
 MEMORY_BOUND_PCT = 5.0  # the memory suite's bound on RSS growth after the first epoch
@@ -293,32 +292,17 @@ def suite_scaling(s: Settings) -> None:
 
 
 def suite_precision(s: Settings) -> None:
-    """fp32 / bf16 / int8: speed against the peers, and accuracy on the presets' trained models
-    (``pvt.bench_precision``); plus our fp32 path without its fused kernels or packed weights."""
+    """fp32 / bf16 / int8 speed against the peers (``pvt.bench_precision``), with our fp32 path
+    without its fused kernels or packed weights beside it."""
     from pvt import bench_precision
 
     bench_precision.speed(s)
-    name, size = ("pvt_v2_b0", 64) if s.quick else ("pvt_v2_b2", 224)
-    ours, _ = timm_twins(name)
-    run_ours = _infer(ours, torch.randn(1, 3, size, size))
 
-    def unfused() -> Any:  # the same model on plain ops: what the fused kernels are worth
-        previous = fused.set_enabled(False)
-        try:
-            return run_ours()
-        finally:
-            fused.set_enabled(previous)
 
-    def unpacked() -> Any:  # fused kernels on plain weights: what prepacking is worth
-        previous = fused.set_packing(False, release_packed=False)
-        try:
-            return run_ours()
-        finally:
-            fused.set_packing(previous)
+def suite_accuracy(s: Settings) -> None:
+    """The embedded presets' trained models at each precision (``pvt.bench_precision``)."""
+    from pvt import bench_precision
 
-    times = alternate({"fused": run_ours, "eager-unfused": unfused, "eager-unpacked": unpacked}, s.repeats, warmup=2)
-    for label, t in times.items():
-        s.rows.append(Row("fused", f"{name} {size}px batch 1", f"pvt-vision fp32 {label}", 1e3 * t, s.repeats))
     bench_precision.accuracy(s)
 
 
@@ -429,7 +413,7 @@ def report(rows: list[Row], info: dict[str, str], peaks: dict[str, float]) -> st
              ""]  # fmt: skip
     for suite in dict.fromkeys(r.suite for r in rows):
         lines += [f"## {suite}", ""]
-        if suite.startswith("precision"):
+        if suite in ("precision", "accuracy"):
             lines += bench_precision.tables([r for r in rows if r.suite == suite], peaks)
             continue
         if suite == "scaling":
@@ -554,8 +538,8 @@ def run(settings: Settings, out_dir: str | Path) -> Path:
         old = json.loads((out / "results.json").read_text())
         settings.rows += [Row(**r) for r in old["rows"] if r["suite"] not in settings.suites]
     suites = {"classify": suite_classify, "train": suite_train, "dense": suite_dense,
-              "scaling": suite_scaling, "precision": suite_precision, "memory": suite_memory,
-              "serve": _suite_serve}  # fmt: skip
+              "scaling": suite_scaling, "precision": suite_precision, "accuracy": suite_accuracy,
+              "memory": suite_memory, "serve": _suite_serve}  # fmt: skip
     for name in settings.suites:
         if name not in suites:
             raise ValueError(f"unknown suite {name!r}; choose from {', '.join(SUITES + EXTRA_SUITES)}")

@@ -409,7 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="bench-results", help="folder for RESULTS.md, results.json and PNGs")
     p.add_argument(
         "--suites",
-        help="comma-separated subset of classify,train,dense,scaling,precision; or memory (a leak check), "
+        help="comma-separated subset of classify,train,dense,scaling,precision,accuracy; or memory (a leak check), "
         "serve (pvt serve under load, batching vs --max-batch 1)",
     )
     p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
