@@ -147,7 +147,7 @@ def accuracy(s: Settings) -> None:
     from pvt.precision import calibration_inputs
     from pvt.tasks import get_task
 
-    presets = PRESETS[:1] if s.quick else PRESETS
+    presets = [(t, p) for t, p in PRESETS if p in s.presets] if s.presets else PRESETS[:1] if s.quick else PRESETS
     for task_name, preset in presets:
         weights = preset_weights(task_name, preset, s.quick)
         task = get_task(task_name)

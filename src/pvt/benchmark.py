@@ -91,6 +91,7 @@ class Settings:
     compile: bool = True
     update: bool = False  # keep the other suites' rows of an earlier results.json in the folder
     precisions: tuple[str, ...] = PRECISIONS  # what the precision suite measures (where native)
+    presets: tuple[str, ...] = ()  # the accuracy suite's presets (empty: all; --quick: digits)
     rows: list[Row] = field(default_factory=list)
 
 

@@ -267,8 +267,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     suites = tuple(args.suites.split(",")) if args.suites else SUITES
     precisions = tuple(args.precision.split(",")) if args.precision else PRECISIONS
+    presets = tuple(args.presets.split(",")) if args.presets else ()
+    if unknown := [p for p in precisions if p not in PRECISIONS]:
+        raise ValueError(f"--precision: unknown {', '.join(unknown)}; choose from {','.join(PRECISIONS)}")
     settings = Settings(threads=args.threads, repeats=args.repeats, quick=args.quick, suites=suites,
-                        compile=not args.no_compile, update=args.update, precisions=precisions)  # fmt: skip
+                        compile=not args.no_compile, update=args.update, precisions=precisions,
+                        presets=presets)  # fmt: skip
     print(run(settings, args.out))
     return 0
 
@@ -419,8 +423,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--update", action="store_true", help="rerun --suites only, keep the rest of --out's results")
     p.add_argument(
         "--precision",
-        help="comma-separated precisions the precision suite measures (default fp32,bf16,int8; "
+        help="comma-separated precisions the precision and accuracy suites measure (default fp32,bf16,int8; "
         "bf16 only where the CPU has it)",
+    )
+    p.add_argument(
+        "--presets",
+        help="the accuracy suite's presets (default digits,shapes-retinanet,shapes-mask-rcnn,shapes-semantic-fpn; "
+        "each trained once into $PVT_CACHE/precision-models when missing)",
     )
     p.set_defaults(func=_cmd_bench)
 
