@@ -506,13 +506,14 @@ def _progress(total: int, desc: str, enabled: bool, every: int) -> Any:
     return tqdm(total=total, desc=desc, dynamic_ncols=True, leave=False, file=sys.stderr)
 
 
-def run_evaluation(task: Task, recipe: Recipe) -> dict[str, float]:
-    """``pvt eval``: evaluate ``recipe.model.checkpoint`` on the task's evaluation set."""
+def run_evaluation(task: Task, recipe: Recipe, model: nn.Module | None = None) -> dict[str, float]:
+    """``pvt eval``: evaluate ``recipe.model.checkpoint`` (or ``model``, e.g. an exported file in
+    ONNX Runtime) on the task's evaluation set."""
     info = init_distributed(recipe.train.device)
     try:
         _, eval_ds = task.build_datasets(recipe, train=False)
         loader = make_eval_loader(task, eval_ds, recipe.data, info)
-        model = task.build_model(recipe).to(info.device).eval()
+        model = (task.build_model(recipe) if model is None else model).to(info.device).eval()
         with torch.inference_mode():
             return task.evaluate(model, loader, info.device, info, autocast_factory(recipe.train.amp, info.device))
     finally:
