@@ -21,7 +21,7 @@ from pvt.deploy.metadata import describe, recipe_overrides
 
 RecipeFn = Callable[[argparse.Namespace, str, str | None], Any]  # pvt.cli._recipe
 
-DEFAULT_SIZE = {"classification": None, "features": (224, 224), "detection": (800, 1216), "segmentation": (512, 512)}
+DEFAULT_SIZE = {"classification": None, "features": (224, 224), "detection": (800, 800), "segmentation": (512, 512)}
 
 
 def _task_json(checkpoint: str | None) -> dict[str, Any]:
@@ -123,6 +123,9 @@ def _classes(kind: str, model: nn.Module, recipe: Any, artifacts: dict[str, Any]
 def export_size(args: argparse.Namespace, kind: str, recipe: Any) -> tuple[int, int]:
     if args.size:
         return int(args.size[0]), int(args.size[1])
+    if kind == "detection" and recipe is not None:  # the size the detector resizes to (square: see export)
+        side = int(recipe.model.min_size[-1])
+        return side, side
     default = DEFAULT_SIZE[kind]
     if default is not None:
         return default

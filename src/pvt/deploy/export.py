@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pvt.io import atomic_write
@@ -113,6 +114,12 @@ def _example(model: nn.Module, kind: str, example: Tensor, dynamic: bool) -> Ten
                 "batches are not supported: torchvision's detectors loop over a list of images in Python, so a "
                 "traced file would hold a fixed number of images; run the file once per image"
             )
+        h, w = example.shape[-2:]
+        if dynamic and h != w:
+            # Mask R-CNN's MultiScaleRoIAlign infers each level's scale from the image and map sizes
+            # (feature / image side, rounded to a power of 2), which a trace freezes; a square
+            # example gives the exact 1/4 ... 1/32 that every ordinary image gets in eager mode.
+            example = F.interpolate(example[None], size=(max(h, w), max(h, w)), mode="bilinear")[0]
         return example
     if example.ndim != 4 or example.shape[1] != 3:
         raise ExportError(f"expected an example image batch [B, 3, H, W], got shape {tuple(example.shape)}")
