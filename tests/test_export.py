@@ -37,7 +37,8 @@ DETECTION_SETS = [TINY_SHAPES, "model.fpn_channels=32", "model.min_size=[64]", "
                   "train.log_every=1"]  # fmt: skip
 SEGMENTATION_SETS = [TINY_SHAPES, "model.fpn_channels=32", "model.head_channels=32", "data.scale=[128,64]",
                      "data.crop_size=[64,64]", "data.eval_scale=[128,64]", "schedule.iterations=3",
-                     "schedule.warmup_iters=1", "data.batch_size=4", "train.progress=false", "train.log_every=1"]  # fmt: skip
+                     "schedule.warmup_iters=1", "data.batch_size=4", "train.progress=false",
+                     "train.log_every=1"]  # fmt: skip
 # Every detection is scored (no threshold), so that the comparison covers 100 detections per image.
 NO_THRESHOLD = "model.score_thresh=0.0"
 
@@ -285,7 +286,9 @@ def test_semantic_fpn_gives_the_same_label_maps(
     assert got_json == ref_json
 
     pt2 = tmp_path / "fpn.pt2"
-    _export_cli(runs["semantic_fpn"], pt2, "--task", "segmentation", "--format", "pt2", "--dynamic", "--size", "64", "64")
+    _export_cli(
+        runs["semantic_fpn"], pt2, "--task", "segmentation", "--format", "pt2", "--dynamic", "--size", "64", "64"
+    )
     program = torch.export.load(pt2).module()
     x = torch.rand(1, 3, 64, 96)
     with torch.no_grad():
@@ -327,13 +330,13 @@ def test_bad_files_and_impossible_exports_are_refused(
     proto = onnx.load(str(good))
     del proto.metadata_props[:]
     onnx.save(proto, str(bare))
-    with pytest.raises(ExportError, match="bare.onnx: an ONNX model without pvt-vision metadata"):
+    with pytest.raises(ExportError, match=r"bare\.onnx: an ONNX model without pvt-vision metadata"):
         load_onnx(bare)
-    with pytest.raises(ExportError, match="good.onnx: holds a classification model"):
+    with pytest.raises(ExportError, match=r"good\.onnx: holds a classification model"):
         load_onnx(good, task="detection")
 
     detector = _build(runs["retinanet"], "--task", "detection")
-    with pytest.raises(ExportError, match="cannot be exported to pt2: torch.export cannot trace"):
+    with pytest.raises(ExportError, match=r"cannot be exported to pt2: torch\.export cannot trace"):
         export(detector, torch.rand(3, 64, 64), tmp_path / "d.pt2", format="pt2")
     detector.semantics = "mmdet"
     with pytest.raises(ExportError, match="semantics='mmdet' cannot be exported faithfully"):
