@@ -42,7 +42,7 @@ from pvt.models import fused
 from pvt.peers import check_twins, hf_twins, timm_twins
 
 SUITES = ("classify", "train", "dense", "scaling", "precision")  # the default run
-EXTRA_SUITES = ("memory",)  # by name only: pvt bench --suites memory
+EXTRA_SUITES = ("memory", "deploy")  # by name only: pvt bench --suites memory (deploy: pvt.deploy.bench)
 MEMORY_BOUND_PCT = 5.0  # the memory suite's bound on RSS growth after the first epoch
 
 
@@ -388,6 +388,12 @@ def suite_memory(s: Settings) -> None:
                       rss_epoch1_mib=m["epoch1_mib"], rss_end_mib=m["end_mib"]))  # fmt: skip
 
 
+def _suite_deploy(s: Settings) -> None:
+    from pvt.deploy.bench import suite_deploy  # needs the deploy extra (onnx, onnxruntime)
+
+    suite_deploy(s)
+
+
 def machine() -> dict[str, str]:
     cpu = platform.processor() or platform.machine()
     try:
@@ -526,7 +532,8 @@ def run(settings: Settings, out_dir: str | Path) -> Path:
         old = json.loads((out / "results.json").read_text())
         settings.rows += [Row(**r) for r in old["rows"] if r["suite"] not in settings.suites]
     suites = {"classify": suite_classify, "train": suite_train, "dense": suite_dense,
-              "scaling": suite_scaling, "precision": suite_precision, "memory": suite_memory}  # fmt: skip
+              "scaling": suite_scaling, "precision": suite_precision, "memory": suite_memory,
+              "deploy": _suite_deploy}  # fmt: skip
     for name in settings.suites:
         if name not in suites:
             raise ValueError(f"unknown suite {name!r}; choose from {', '.join(SUITES + EXTRA_SUITES)}")
