@@ -295,6 +295,42 @@ def test_semantic_fpn_gives_the_same_label_maps(
         assert (program(x) - model(x)).abs().max().item() < 1e-5
 
 
+def test_classifier_predict_with_onnxruntime_matches_pytorch(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A run folder (weights, config.yaml, task.json): the exported file brings the run's
+    evaluation transform and class names, so pvt predict prints the same JSON."""
+    from pvt.engine import load_recipe
+    from pvt.tasks import get_task
+
+    run = tmp_path / "run"
+    run.mkdir()
+    task = get_task("classification")
+    sets = ["model.name=pvt_v2_b0", "model.num_classes=3", "data.input_size=64", "data.crop_pct=0.9",
+            "data.interpolation=bilinear"]  # fmt: skip
+    recipe = load_recipe("classification", task.data_config, {}, sets, model_cls=task.model_config)
+    recipe.dump(run / "config.yaml")
+    model = pvt.create_model("pvt_v2_b0", num_classes=3)
+    pvt.save_safetensors(model.state_dict(), run / "model.safetensors", arch="pvt_v2_b0")
+    (run / "task.json").write_text(json.dumps({"classes": ["ant", "bee", "cat"]}))
+    images = []
+    for i, size in enumerate([(80, 60), (50, 90)]):
+        path = tmp_path / f"{i}.png"
+        Image.fromarray((np.random.default_rng(i).random((*size, 3)) * 255).astype(np.uint8)).save(path)
+        images.append(str(path))
+
+    path = tmp_path / "c.onnx"
+    meta = _export_cli(run / "model.safetensors", path, "--dynamic")
+    assert meta["preprocess"]["center_crop"] == 64 and meta["preprocess"]["interpolation"] == "bilinear"
+    assert meta["classes"] == ["ant", "bee", "cat"] and meta["size"] == [64, 64]
+    ref = _predict_json(["classification", "--checkpoint", str(run / "model.safetensors"), *images], capsys)
+    got = _predict_json(["classification", "--runtime", "onnxruntime", "--model", str(path), *images], capsys)
+    assert [r["image"] for r in got] == images
+    for r, g in zip(ref, got, strict=True):
+        assert [t["label"] for t in g["top5"]] == [t["label"] for t in r["top5"]]
+        assert [t["prob"] for t in g["top5"]] == pytest.approx([t["prob"] for t in r["top5"]], abs=2e-5)
+
+
 # -- metadata and refusals ----------------------------------------------------------------------
 
 

@@ -20,7 +20,6 @@ PREPROCESS_FIELDS = {
     "segmentation": ("eval_scale", "align", "eval_mode", "crop_size", "slide_stride", "eval_flip", "eval_ratios"),
     "detection": ("dataset",),
 }
-MODEL_FIELDS = {"detection": ("num_classes", "detector"), "segmentation": ("num_classes",), "classification": ()}
 
 
 def _plain(value: Any) -> Any:
@@ -52,26 +51,46 @@ def describe(
         "artifacts": artifacts or {},
         "class_names": _plain(getattr(model, "class_names", None)),
     }
-    data = recipe.data if recipe is not None else None
+    section = _data_section(model, kind, recipe)
     if kind in ("classification", "features"):
-        meta.update(_classification(model, kind, data if kind == "classification" else None))
+        meta.update(_classification(model, kind, section))
     elif kind == "detection":
         meta.update(_detection(model))
     else:
-        meta.update(_segmentation(model, data))
-    if recipe is not None and kind in PREPROCESS_FIELDS:
-        section = _eval_data(recipe) if kind == "classification" else recipe.data
+        meta.update(_segmentation(section))
+    if kind != "features":  # what pvt predict / eval --runtime onnxruntime set in their recipe
+        fields = PREPROCESS_FIELDS[kind] if section is not None else ()
         meta["recipe"] = {
-            "model": {k: getattr(recipe.model, k) for k in MODEL_FIELDS[kind]},
-            "data": {k: _plain(getattr(section, k)) for k in PREPROCESS_FIELDS[kind]},
+            "model": _model_fields(model, kind),
+            "data": {k: _plain(getattr(section, k)) for k in fields},
         }
     return meta
 
 
-def _eval_data(recipe: Any) -> Any:
-    from pvt.tasks.classification.task import eval_data
+def _data_section(model: nn.Module, kind: str, recipe: Any) -> Any:
+    """The data settings the model's inputs follow: the recipe's evaluation transform (for a
+    classifier, that of its published weights), else the published transform or the defaults."""
+    from pvt.tasks.classification.data import ClassificationData
+    from pvt.tasks.segmentation.data import SegmentationData
 
-    return eval_data(recipe)
+    if kind in ("classification", "features"):
+        if recipe is not None and kind == "classification":
+            from pvt.tasks.classification.task import eval_data
+
+            return eval_data(recipe)
+        source = getattr(model, "pretrained_source", None)
+        return getattr(source, "eval_transform", None) or ClassificationData()
+    if kind == "segmentation":
+        return recipe.data if recipe is not None else SegmentationData()
+    return recipe.data if recipe is not None else None
+
+
+def _model_fields(model: Any, kind: str) -> dict[str, Any]:
+    if kind == "detection":
+        if hasattr(model, "roi_heads"):  # Mask R-CNN: the box predictor counts the background too
+            return {"detector": "mask_rcnn", "num_classes": model.roi_heads.box_predictor.cls_score.out_features - 1}
+        return {"detector": "retinanet", "num_classes": model.head.classification_head.num_classes}
+    return {"num_classes": int(model.num_classes)}
 
 
 def _default_classes(model: nn.Module, kind: str) -> list[str] | None:
@@ -87,11 +106,6 @@ def _default_classes(model: nn.Module, kind: str) -> list[str] | None:
 
 
 def _classification(model: nn.Module, kind: str, data: Any) -> dict[str, Any]:
-    from pvt.tasks.classification.data import ClassificationData
-
-    if data is None:
-        source = getattr(model, "pretrained_source", None)
-        data = getattr(source, "eval_transform", None) or ClassificationData()
     mean, std = list(data.mean), list(data.std)
     pre: dict[str, Any] = {"mean": mean, "std": std, "order": "RGB, scale to 0..1, then (x - mean) / std"}
     if kind == "classification":
@@ -154,11 +168,9 @@ def _detection(model: nn.Module) -> dict[str, Any]:
     }
 
 
-def _segmentation(model: nn.Module, data: Any) -> dict[str, Any]:
+def _segmentation(d: Any) -> dict[str, Any]:
     from pvt.tasks.detection.models import IMAGE_MEAN, IMAGE_STD
-    from pvt.tasks.segmentation.data import SegmentationData
 
-    d = data if data is not None else SegmentationData()
     return {
         "input": {
             "name": "image",

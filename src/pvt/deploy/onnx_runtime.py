@@ -51,6 +51,9 @@ class OnnxModel(nn.Module):
         self.fixed = [d if isinstance(d, int) else None for d in shape]
         self.class_names = meta.get("class_names")
         self.arch = meta.get("arch")
+        # The tasks read a model's device from its parameters: this empty one says CPU (run()
+        # hands ONNX Runtime CPU arrays whatever the device).
+        self.device_anchor = nn.Parameter(torch.empty(0), requires_grad=False)
 
     def _check(self, x: Tensor) -> None:
         for axis, (want, got) in enumerate(zip(self.fixed, x.shape, strict=False)):
