@@ -440,6 +440,8 @@ def report(rows: list[Row], info: dict[str, str], peak: float) -> str:
             rate = "|  |  |" if gf is None else f"| {gf:.1f} | {100 * gf / peak:.0f}% |"
             lines.append(f"| {r.setting} | {r.contender} | {r.ms:.1f} | {speed} {rate}")
         lines.append("")
+        notes = [f"* {r.setting}, {r.contender}: {r.note}" for r in rows if r.suite == suite and r.note]
+        lines += [*notes, ""] if notes else []
     return "\n".join(lines) + "\n"
 
 

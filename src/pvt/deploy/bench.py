@@ -60,10 +60,50 @@ def _max_diff(a: Any, b: Any) -> float:
 
 
 def _time(s: Settings, setting: str, fns: dict[str, Callable[[], Any]], notes: dict[str, str]) -> None:
-    repeats = 2 * s.repeats if "batch 1" in setting else s.repeats
+    repeats = 2 * s.repeats if setting.endswith("batch 1") else s.repeats
     times = alternate(fns, repeats)
     for name, t in times.items():
         s.rows.append(Row("deploy", setting, name, 1e3 * t, repeats, note=notes.get(name, "")))
+
+
+def _shares(totals: dict[str, float], top: int = 5) -> str:
+    whole = sum(totals.values()) or 1.0
+    ranked = sorted(totals.items(), key=lambda kv: -kv[1])[:top]
+    return ", ".join(f"{name} {100 * t / whole:.0f}%" for name, t in ranked)
+
+
+def ort_profile(model: OnnxModel, x: Any) -> str:
+    """Where ONNX Runtime's time goes: the share of each op type in one profiled run."""
+    import json
+
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.enable_profiling = True
+    options.intra_op_num_threads = model.session.get_session_options().intra_op_num_threads
+    with tempfile.TemporaryDirectory() as tmp:
+        options.profile_file_prefix = str(Path(tmp) / "ort")
+        session = ort.InferenceSession(str(model.path), options, providers=["CPUExecutionProvider"])
+        feed = {model.input_name: (x[0] if isinstance(x, list) else x).numpy()}
+        session.run(None, feed)  # warm
+        session.run(None, feed)
+        events = json.loads(Path(session.end_profiling()).read_text())
+    totals: dict[str, float] = {}
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+            op = e.get("args", {}).get("op_name", "?")
+            totals[op] = totals.get(op, 0.0) + float(e["dur"])
+    return "time by op: " + _shares(totals)
+
+
+def torch_profile(model: nn.Module, x: Any) -> str:
+    """The same for our eager path: self CPU time per aten op in one profiled run."""
+    with torch.inference_mode():
+        model(x)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            model(x)
+    totals = {e.key: float(e.self_cpu_time_total) for e in prof.key_averages()}
+    return "time by op: " + _shares(totals)
 
 
 def _classifiers(s: Settings, folder: Path) -> None:
@@ -89,6 +129,10 @@ def _classifiers(s: Settings, folder: Path) -> None:
                 if "fp32" in label and diff > 1e-4:
                     raise RuntimeError(f"{rt.path}: ONNX Runtime differs from PyTorch by {diff:.2e}")
                 notes[label] = f"max |logit diff| {diff:.1e}"
+            if batch == batches[0]:  # where the time goes, op type by op type
+                notes["pvt-vision"] = torch_profile(ours, x)
+                fp32 = runtimes["onnxruntime fp32"]
+                notes["onnxruntime fp32"] += "; " + ort_profile(fp32, x)
             fns: dict[str, Callable[[], Any]] = {"pvt-vision": _infer(ours, x), peer_name: _infer(peer, x)}
             fns.update({label: _infer(rt, x) for label, rt in runtimes.items()})
             _time(s, f"{name} {size}px batch {batch}", fns, notes)
@@ -113,6 +157,9 @@ def _retinanet(s: Settings, folder: Path) -> None:
             if "fp32" in label and (len(got["boxes"]) != len(ref["boxes"]) or _max_diff(ref, got) > 1e-4):
                 raise RuntimeError(f"{rt.path}: ONNX Runtime's detections differ from PyTorch's")
             notes[label] = f"{len(got['boxes'])} detections (PyTorch {len(ref['boxes'])})"
+        if batch == 1:
+            notes["pvt-vision"] = torch_profile(model, images)
+            notes["onnxruntime fp32"] += "; " + ort_profile(runtimes["onnxruntime fp32"], images)
         fns: dict[str, Callable[[], Any]] = {"pvt-vision": _infer(model, images)}
         fns.update({label: _infer(rt, images) for label, rt in runtimes.items()})
         _time(s, f"RetinaNet {backbone} {h}x{w} batch {batch}", fns, notes)
