@@ -25,6 +25,10 @@ def __getattr__(name: str) -> object:
         import importlib
 
         return importlib.import_module(f"pvt.{name}")
+    if name == "export":  # pvt.export(model, example, out, format=..., dynamic=...): pvt.deploy.export
+        from pvt.deploy import export
+
+        return export
     raise AttributeError(f"module 'pvt' has no attribute {name!r}")
 
 

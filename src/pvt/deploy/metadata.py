@@ -31,7 +31,6 @@ def describe(
     kind: str,
     *,
     size: tuple[int, int],
-    dynamic: bool,
     recipe: Any = None,
     artifacts: dict[str, Any] | None = None,
     classes: list[str] | None = None,

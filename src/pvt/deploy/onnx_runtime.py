@@ -26,6 +26,9 @@ def session(path: str | Path, threads: int | None = None) -> Any:
     except ImportError as e:
         raise ExportError("ONNX Runtime is not installed: pip install 'pvt-vision[deploy]'") from e
     options = ort.SessionOptions()
+    # Errors only: the TorchScript exporter's declared shapes of Mask R-CNN's mask-pasting loop
+    # make ONNX Runtime warn on every run that the real shape differs (it is then used as is).
+    options.log_severity_level = 3
     if threads is not None:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
