@@ -27,6 +27,10 @@ def __getattr__(name: str) -> object:
         return importlib.import_module(f"pvt.{name}")
     if name == "optimize_for_inference":  # bf16 / int8 inference (pvt.precision)
         return importlib.import_module("pvt.precision").optimize_for_inference
+    if name == "export":  # pvt.export(model, example, out, format=..., dynamic=...): pvt.deploy.export
+        from pvt.deploy import export
+
+        return export
     raise AttributeError(f"module 'pvt' has no attribute {name!r}")
 
 

@@ -45,7 +45,9 @@ from pvt.peers import check_twins, hf_twins, timm_twins
 from pvt.precision import CPU_FLAGS, cpu_info
 
 SUITES = ("classify", "train", "dense", "scaling", "precision", "accuracy")  # the default run
-EXTRA_SUITES = ("memory", "serve")  # by name only: pvt bench --suites memory
+# By name only: pvt bench --suites memory (a leak check), serve (pvt serve under load), deploy
+# (exported files in ONNX Runtime: pvt.deploy.bench).
+EXTRA_SUITES = ("memory", "serve", "deploy")
 PRECISIONS = ("fp32", "bf16", "int8")
 MEMORY_BOUND_PCT = 5.0  # the memory suite's bound on RSS growth after the first epoch
 
@@ -379,6 +381,12 @@ def _suite_serve(s: Settings) -> None:
     suite_serve(s)
 
 
+def _suite_deploy(s: Settings) -> None:
+    from pvt.deploy.bench import suite_deploy  # needs the deploy extra (onnx, onnxruntime)
+
+    suite_deploy(s)
+
+
 def machine() -> dict[str, str]:
     cpu = platform.processor() or platform.machine()
     try:
@@ -437,6 +445,8 @@ def report(rows: list[Row], info: dict[str, str], peaks: dict[str, float]) -> st
             rate = "|  |  |" if gf is None else f"| {gf:.1f} | {100 * gf / peak:.0f}% |"
             lines.append(f"| {r.setting} | {r.contender} | {r.ms:.1f} | {speed} {rate}")
         lines.append("")
+        notes = [f"* {r.setting}, {r.contender}: {r.note}" for r in rows if r.suite == suite and r.note]
+        lines += [*notes, ""] if notes else []
     return "\n".join(lines) + "\n"
 
 
@@ -540,7 +550,7 @@ def run(settings: Settings, out_dir: str | Path) -> Path:
         settings.rows += [Row(**r) for r in old["rows"] if r["suite"] not in settings.suites]
     suites = {"classify": suite_classify, "train": suite_train, "dense": suite_dense,
               "scaling": suite_scaling, "precision": suite_precision, "accuracy": suite_accuracy,
-              "memory": suite_memory, "serve": _suite_serve}  # fmt: skip
+              "memory": suite_memory, "serve": _suite_serve, "deploy": _suite_deploy}  # fmt: skip
     for name in settings.suites:
         if name not in suites:
             raise ValueError(f"unknown suite {name!r}; choose from {', '.join(SUITES + EXTRA_SUITES)}")

@@ -162,6 +162,13 @@ def _precision_prep(args: argparse.Namespace, task: Any, recipe: Any) -> Any:
     return prepare
 
 
+def _no_precision_for_onnx(args: argparse.Namespace) -> None:
+    if args.precision is not None or args.compile:
+        raise ValueError(
+            "--precision / --compile are for the PyTorch runtime; an exported file runs as it was exported"
+        )
+
+
 def _to_device(x: Any, device: Any) -> Any:
     return [t.to(device) for t in x] if isinstance(x, list) else x.to(device)
 
@@ -169,9 +176,18 @@ def _to_device(x: Any, device: Any) -> Any:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from pvt.engine import run_evaluation
 
-    task, recipe = _recipe(args, args.task, None)
-    _weights_given(recipe)
-    metrics = run_evaluation(task, recipe, _precision_prep(args, task, recipe))
+    model = None
+    if args.runtime == "onnxruntime":  # an exported file (pvt export) instead of weights
+        from pvt.deploy.command import onnx_predict_setup
+
+        _no_precision_for_onnx(args)
+        task, recipe, model, _ = onnx_predict_setup(args, _recipe)
+        prepare = None
+    else:
+        task, recipe = _recipe(args, args.task, None)
+        _weights_given(recipe)
+        prepare = _precision_prep(args, task, recipe)
+    metrics = run_evaluation(task, recipe, prepare, model)
     print(json.dumps({k: round(v, 4) for k, v in metrics.items()}, indent=2))
     if args.out:
         text = json.dumps(metrics, indent=2) + "\n"
@@ -180,14 +196,20 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    task, recipe = _recipe(args, args.task, None)
-    _weights_given(recipe)
-    model = task.build_model(recipe).eval()
-    prepare = _precision_prep(args, task, recipe)
-    if prepare is not None:
-        model = prepare(model, next(model.parameters()).device)
-    meta = Path(args.checkpoint).parent / "task.json" if args.checkpoint else None
-    artifacts = json.loads(meta.read_text()) if meta is not None and meta.is_file() else {}
+    if args.runtime == "onnxruntime":  # an exported file (pvt export) instead of weights
+        from pvt.deploy.command import onnx_predict_setup
+
+        _no_precision_for_onnx(args)
+        task, recipe, model, artifacts = onnx_predict_setup(args, _recipe)
+    else:
+        task, recipe = _recipe(args, args.task, None)
+        _weights_given(recipe)
+        model = task.build_model(recipe).eval()
+        prepare = _precision_prep(args, task, recipe)
+        if prepare is not None:
+            model = prepare(model, next(model.parameters()).device)
+        meta = Path(args.checkpoint).parent / "task.json" if args.checkpoint else None
+        artifacts = json.loads(meta.read_text()) if meta is not None and meta.is_file() else {}
     for r in task.predict(model, recipe, args.inputs, artifacts, args.out):
         print(json.dumps(r))
     return 0
@@ -277,11 +299,47 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from pvt.deploy.command import run_export
+
+    return run_export(args, _recipe)
+
+
+def _add_runtime_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--runtime",
+        choices=("pytorch", "onnxruntime"),
+        default="pytorch",
+        help="onnxruntime: run the .onnx file given as --model (written by pvt export; its classes and "
+        "preprocessing come from the file)",
+    )
+
+
+def _add_export_parser(sub: Any) -> None:
+    p = sub.add_parser("export", help="export a model to ONNX or a torch.export program (.pt2), with its metadata")
+    p.add_argument("source", metavar="CKPT_OR_NAME", help="a run's model.safetensors, a weights file or a model name")
+    p.add_argument("--format", choices=("onnx", "pt2"), default="onnx")
+    p.add_argument("--out", required=True, help="output file (.onnx or .pt2), written atomically")
+    kinds = ("classification", "features", "detection", "segmentation")
+    p.add_argument("--task", choices=kinds, default="classification", help="features: the four-map backbone")
+    p.add_argument(
+        "--size", nargs=2, type=int, metavar=("H", "W"), help="example input size (the fixed size without --dynamic)"
+    )
+    p.add_argument("--dynamic", action="store_true", help="batch, height and width dynamic (detectors: height, width)")
+    p.add_argument("--batch", type=int, default=1, help="example batch (the fixed batch without --dynamic)")
+    p.add_argument("--preset", help="recipe preset or YAML (detector / segmenter settings)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe field, repeatable")
+    _add_pretrained_arg(p, "published weights (sets model.pretrained)")
+    _add_allow_nonfinite(p)
+    p.add_argument("--no-check", dest="check", action="store_false", help="skip running the file on the example")
+    p.set_defaults(func=_cmd_export)
+
+
 def _add_recipe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("task", choices=TASKS, help="the task")
     p.add_argument("--preset", help="a shipped preset name (see pvt presets TASK) or a recipe YAML path")
     p.add_argument("--data", help="dataset root (sets data.root)")
-    p.add_argument("--model", help="model name (sets model.name)")
+    p.add_argument("--model", help="model name (sets model.name); with --runtime onnxruntime the .onnx file")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe field, repeatable")
 
 
@@ -368,6 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_allow_nonfinite(p)
     _add_pretrained_arg(p, "evaluate published weights (sets model.pretrained; their eval transform)")
     p.add_argument("--out", help="also write the metrics to this JSON file")
+    _add_runtime_args(p)
     _add_precision_args(p)
     p.set_defaults(func=_cmd_eval)
 
@@ -378,6 +437,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_pretrained_arg(p, "published weights (sets model.pretrained; their transform and class names)")
     p.add_argument("--out", help="folder for the task's output files")
     p.add_argument("inputs", nargs="+", help="image files or folders")
+    _add_runtime_args(p)
     _add_precision_args(p)
     p.set_defaults(func=_cmd_predict)
 
@@ -394,6 +454,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-upload-mb", type=float, default=20.0, help="larger uploads are refused with 413")
     _add_precision_args(p)
     p.set_defaults(func=_cmd_serve)
+
+    _add_export_parser(sub)
 
     p = sub.add_parser("weights", help="list the published weights: source, metric, whether cached")
     p.add_argument("pattern", nargs="?", default="*", help="shell pattern on NAME or NAME:TAG, e.g. 'pvt_v2_*'")

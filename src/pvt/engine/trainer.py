@@ -507,15 +507,19 @@ def _progress(total: int, desc: str, enabled: bool, every: int) -> Any:
 
 
 def run_evaluation(
-    task: Task, recipe: Recipe, prepare: Callable[[nn.Module, torch.device], nn.Module] | None = None
+    task: Task,
+    recipe: Recipe,
+    prepare: Callable[[nn.Module, torch.device], nn.Module] | None = None,
+    model: nn.Module | None = None,
 ) -> dict[str, float]:
-    """``pvt eval``: evaluate ``recipe.model.checkpoint`` on the task's evaluation set. ``prepare``
-    (e.g. ``pvt.optimize_for_inference`` at a precision) replaces the recipe's autocast."""
+    """``pvt eval``: evaluate ``recipe.model.checkpoint`` (or ``model``, e.g. an exported file in
+    ONNX Runtime) on the task's evaluation set. ``prepare`` (e.g. ``pvt.optimize_for_inference`` at
+    a precision) replaces the recipe's autocast."""
     info = init_distributed(recipe.train.device)
     try:
         _, eval_ds = task.build_datasets(recipe, train=False)
         loader = make_eval_loader(task, eval_ds, recipe.data, info)
-        model = task.build_model(recipe).to(info.device).eval()
+        model = (task.build_model(recipe) if model is None else model).to(info.device).eval()
         autocast = autocast_factory(recipe.train.amp, info.device)
         if prepare is not None:
             model, autocast = prepare(model, info.device), contextlib.nullcontext

@@ -14,8 +14,8 @@ steps, in-place ops under ``no_grad``, ``.to()``) and dropped by ``release`` and
 ``train()`` / ``eval()`` (an edit through ``.data``, which torch does not track, is seen after them).
 
 Used only where nothing can notice the difference: CPU, fp32 (or bf16 weights and inputs where
-oneDNN has bf16 in hardware), no autograd, eval mode, no
-autocast, not while ``torch.compile`` or ``torch.jit.trace`` traces (the compiler fuses on its
+oneDNN has bf16 in hardware), no autograd, eval mode, no autocast, not while ``torch.compile``,
+``torch.export``, ``torch.onnx.export`` or ``torch.jit.trace`` traces (the compiler fuses on its
 own; exporters want standard ops), and no forward hooks on the modules involved (``pvt.complexity``
 and user hooks see every layer run as a module).
 """
@@ -75,7 +75,7 @@ def usable(module: nn.Module, x: Tensor) -> bool:
     if x.device.type != "cpu" or x.dtype not in _DTYPES or torch.is_autocast_enabled("cpu"):
         return False
     # Compilers fuse on their own; exporters want standard ops.
-    if torch.compiler.is_compiling() or torch.jit.is_tracing():  # type: ignore[attr-defined]
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():  # type: ignore[attr-defined]
         return False
     if _module._global_forward_hooks or _module._global_forward_pre_hooks:
         return False

@@ -24,6 +24,35 @@ EMBED_NORM_EPS = 1e-5
 MMDET_EMBED_NORM_EPS = 1e-6
 
 
+def exporting() -> bool:
+    """Whether an exporter is tracing: ``torch.export`` (and the dynamo ONNX exporter built on it)
+    or the TorchScript ONNX exporter. Code paths that only save time, or ops an exporter cannot
+    express for every input size, step aside then."""
+    return torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export()
+
+
+def adaptive_avg_pool_matmul(x: Tensor, size: int) -> Tensor:
+    """``F.adaptive_avg_pool2d(x, size)`` as two matrix products whose pooling windows are computed
+    from the input's own height and width (PyTorch's window rule: ``floor(i * n / size)`` to
+    ``ceil((i + 1) * n / size)``).
+
+    Why: ONNX has no adaptive pooling; the exporters lower it to fixed windows worked out from the
+    example's size, so an export with dynamic height / width would pool wrong (or index out of
+    range) at any other size. Agrees with the pooling op within float rounding (1e-6).
+    """
+
+    def windows(n: int) -> Tensor:
+        i = torch.arange(size, device=x.device)
+        start = (i * n) // size
+        end = ((i + 1) * n + size - 1) // size
+        j = torch.arange(n, device=x.device)
+        inside = (j[None, :] >= start[:, None]) & (j[None, :] < end[:, None])
+        return inside.to(x.dtype) / (end - start)[:, None].to(x.dtype)  # [size, n]
+
+    h, w = x.shape[-2], x.shape[-1]
+    return windows(h) @ x @ windows(w).transpose(0, 1)
+
+
 def tokens_to_image(x: Tensor, hw: tuple[int, int]) -> Tensor:
     """``[B, H*W, C]`` -> ``[B, C, H, W]``.
 
@@ -169,7 +198,7 @@ class Attention(nn.Module):
             return x
         x_ = tokens_to_image(x, hw)
         if self.pool is not None:
-            x_ = self.pool(x_)
+            x_ = adaptive_avg_pool_matmul(x_, 7) if torch.onnx.is_in_onnx_export() else self.pool(x_)
         x_ = image_to_tokens(fused.conv2d(x_, self.sr) if use_fused else self.sr(x_))
         assert self.norm is not None
         x_ = self.norm(x_)

@@ -21,6 +21,7 @@ from pvt.models.layers import (
     Block,
     PatchEmbed,
     drop_path_rates,
+    exporting,
     init_linear_and_norm,
     tokens_to_image,
 )
@@ -29,7 +30,9 @@ from pvt.models.registry import ModelCard, register_model
 
 def resize_pos_embed(pos: Tensor, src_grid: tuple[int, int], dst_grid: tuple[int, int]) -> Tensor:
     """Bilinear resize (align_corners=False) of ``[1, h*w, C]`` to ``[1, H*W, C]``."""
-    if src_grid == dst_grid:
+    # Under an exporter the grid is symbolic: the shortcut would fix the exported file to one
+    # input size (a resize to the same grid is exact, so the result is the same).
+    if not exporting() and src_grid == dst_grid:
         return pos
     c = pos.shape[-1]
     grid = pos.reshape(1, src_grid[0], src_grid[1], c).permute(0, 3, 1, 2)

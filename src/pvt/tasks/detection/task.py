@@ -125,6 +125,7 @@ class DetectionTask(Task):
         d: DetectionData = recipe.data
         masks = getattr(recipe.model, "detector", "") == "mask_rcnn"
         offset = 1 if masks else 0
+        self._masks, self._offset = masks, offset  # also for a model not built here (an exported file)
         kw = dict(
             masks=masks,
             label_offset=offset,
