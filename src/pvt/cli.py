@@ -362,7 +362,7 @@ def _add_precision_args(p: argparse.ArgumentParser) -> None:
         "--precision",
         choices=("fp32", "bf16", "int8", "auto"),
         help="inference arithmetic (default: the recipe's train.amp); bf16 needs avx512_bf16 / amx_bf16 or a "
-        "GPU; int8 calibrates on the training split and compiles; auto: bf16 on AMX CPUs and GPUs, else fp32",
+        "GPU; int8 calibrates on the training split and compiles; auto: bf16 where the hardware has it, else fp32",
     )
     p.add_argument("--compile", action="store_true", help="run the model through torch.compile (weights frozen)")
 
