@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never wait on a model hub
@@ -56,3 +57,12 @@ def digits_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     os.environ["PVT_CACHE"] = str(root)
     export_digits()
     return root
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A PVT_CACHE folder shared by a test module's trainings (the session's base temp folder)."""
+    root = tmp_path_factory.getbasetemp() / "cache"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PVT_CACHE", str(root))
+        yield root

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -45,14 +44,6 @@ NO_THRESHOLD = "model.score_thresh=0.0"
 
 def _sets(items: list[str]) -> list[str]:
     return [a for s in items for a in ("--set", s)]
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    root = tmp_path_factory.getbasetemp() / "cache"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("PVT_CACHE", str(root))
-        yield root
 
 
 @pytest.fixture(scope="module")

@@ -49,14 +49,6 @@ SERVE_SETS = {"retinanet": ["model.score_thresh=0.0"], "mask_rcnn": ["model.scor
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    root = tmp_path_factory.getbasetemp() / "cache"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("PVT_CACHE", str(root))
-        yield root
-
-
-@pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory, cache: Path) -> Callable[[str], Path]:
     """``trained(name)``: the weights of a RUNS entry, trained on first use in this module."""
     done: dict[str, Path] = {}
