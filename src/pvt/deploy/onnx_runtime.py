@@ -32,6 +32,9 @@ def session(path: str | Path, threads: int | None = None) -> Any:
     if threads is not None:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
+        # Idle workers otherwise spin after each run, taking the cores from whatever runs next
+        # (in the deploy suite: the PyTorch contender, timed in alternation).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as e:
