@@ -155,12 +155,17 @@ def accuracy(s: Settings) -> None:
         recipe = load_recipe(
             task_name, task.data_config, load_preset(task_name, preset), sets, model_cls=task.model_config
         )
-        train_ds, _ = task.build_datasets(recipe, train=True)
-        calibration = calibration_inputs(train_ds, task.collate)
+        precisions = [p for p in native_precisions(s.precisions) if p != "int8" or s.compile]  # int8 compiles
+        calibration = None
+        if "int8" in precisions:  # only int8 reads the training split
+            train_ds, _ = task.build_datasets(recipe, train=True)
+            calibration = calibration_inputs(train_ds, task.collate)
         reference: torch.Tensor | None = None
-        for p in [p for p in native_precisions(s.precisions) if p != "int8" or s.compile]:  # int8 compiles
+        for p in precisions:
 
-            def prepare(model: nn.Module, device: torch.device, p: str = p, c: list[Any] = calibration) -> nn.Module:
+            def prepare(
+                model: nn.Module, device: torch.device, p: str = p, c: list[Any] | None = calibration
+            ) -> nn.Module:
                 return optimize_for_inference(model, resolve_precision(p), calibration=c)
 
             start = time.perf_counter()

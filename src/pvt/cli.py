@@ -162,6 +162,13 @@ def _precision_prep(args: argparse.Namespace, task: Any, recipe: Any) -> Any:
     return prepare
 
 
+def _inference_model(args: argparse.Namespace, task: Any, recipe: Any) -> Any:
+    """The task's model in eval mode, readied for ``--precision`` / ``--compile`` when given."""
+    model = task.build_model(recipe).eval()
+    prepare = _precision_prep(args, task, recipe)
+    return model if prepare is None else prepare(model, next(model.parameters()).device)
+
+
 def _no_precision_for_onnx(args: argparse.Namespace) -> None:
     if args.precision is not None or args.compile:
         raise ValueError(
@@ -204,10 +211,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     else:
         task, recipe = _recipe(args, args.task, None)
         _weights_given(recipe)
-        model = task.build_model(recipe).eval()
-        prepare = _precision_prep(args, task, recipe)
-        if prepare is not None:
-            model = prepare(model, next(model.parameters()).device)
+        model = _inference_model(args, task, recipe)
         meta = Path(args.checkpoint).parent / "task.json" if args.checkpoint else None
         artifacts = json.loads(meta.read_text()) if meta is not None and meta.is_file() else {}
     for r in task.predict(model, recipe, args.inputs, artifacts, args.out):
@@ -230,10 +234,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     # The task, as the weights' run (or a converted file's header) says; a plain model file classifies.
     task_name = args.task or (read_yaml(run_config).get("task") if run_config.is_file() else None)
     task, recipe = _recipe(args, task_name or whole_model_task(ckpt) or "classification", None)
-    model = task.build_model(recipe).eval()
-    prepare = _precision_prep(args, task, recipe)
-    if prepare is not None:  # compiled precisions compile once per batch shape, on its first request
-        model = prepare(model, next(model.parameters()).device)
+    # Compiled precisions compile once per batch shape, on its first request.
+    model = _inference_model(args, task, recipe)
     meta = ckpt.parent / "task.json"
     artifacts = json.loads(meta.read_text()) if meta.is_file() else {}
     opts = ServeOptions(args.host, args.port, args.max_batch, args.batch_wait_ms, args.max_upload_mb)

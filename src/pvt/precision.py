@@ -284,23 +284,26 @@ def _parts(model: nn.Module, names: Sequence[str]) -> list[tuple[nn.Module, str,
 
 
 def _to_bf16(model: nn.Module, compile: bool) -> nn.Module:
-    if isinstance(model, PyramidBackbone):
-        return Bf16Part(model, compile)
-    parts = _parts(model, BF16_PARTS)
-    if not parts:
-        raise ValueError(f"{type(model).__name__}: no part to run in bf16 (expected a PVT or a task model of pvt)")
-    for parent, attr, part in parts:
-        setattr(parent, attr, Bf16Part(part, compile))
-    return model
+    return _wrap_parts(model, lambda part: Bf16Part(part, compile), whole_if_none=False)
 
 
 def _compile_parts(model: nn.Module) -> nn.Module:
+    return _wrap_parts(model, CompiledPart, whole_if_none=True)
+
+
+def _wrap_parts(model: nn.Module, wrap: Callable[[nn.Module], nn.Module], *, whole_if_none: bool) -> nn.Module:
+    """A PVT wrapped whole; a task model with each of its ``BF16_PARTS`` wrapped in place (none
+    found: the whole model wrapped, or an error when ``whole_if_none`` is False)."""
     if isinstance(model, PyramidBackbone):
-        return CompiledPart(model)
+        return wrap(model)
     parts = _parts(model, BF16_PARTS)
+    if not parts:
+        if whole_if_none:
+            return wrap(model)
+        raise ValueError(f"{type(model).__name__}: no part to run in bf16 (expected a PVT or a task model of pvt)")
     for parent, attr, part in parts:
-        setattr(parent, attr, CompiledPart(part))
-    return model if parts else CompiledPart(model)
+        setattr(parent, attr, wrap(part))
+    return model
 
 
 def _find_pvt(model: nn.Module) -> tuple[nn.Module | None, str, PyramidBackbone]:
