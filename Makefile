@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.pvt-installed
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup demo test lint clean browser
+.PHONY: setup demo test lint docs clean browser
 
 setup: $(STAMP)
 
@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	touch $@
 
 demo: setup
-	$(PY) -m pvt.demo $(DEMO_ARGS)
+	$(PY) examples/demo.py $(DEMO_ARGS)
 
 test: setup browser
 	$(PY) -m pytest
@@ -33,6 +33,11 @@ lint: setup
 	$(PY) -m ruff check src tests
 	$(PY) -m ruff format --check src tests
 	$(PY) -m mypy
+	$(VENV)/bin/lint-imports
+
+# The documentation site (docs/, Sphinx + MyST): warnings are errors; the pages land in docs/_build/html.
+docs: setup
+	$(VENV)/bin/sphinx-build -W --keep-going -b html docs docs/_build/html
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

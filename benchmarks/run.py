@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/run.py [--threads 2] [--suites classify,train,...]
 
-The same as ``pvt bench --out benchmarks``; see ``pvt.benchmark`` for what is measured.
+The same as ``pvt bench --out benchmarks``; see ``pvt.bench`` (one module per suite) for what is measured.
 """
 
 from __future__ import annotations

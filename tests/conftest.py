@@ -51,7 +51,7 @@ def train_two_ranks(out: Path, cache: Path, task: str, preset: str, sets: list[s
 @pytest.fixture(scope="module")
 def digits_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A PVT_CACHE folder holding the digits preset's exported images (one per test module)."""
-    from pvt.tasks.classification import export_digits
+    from pvt.classification import export_digits
 
     root = tmp_path_factory.mktemp("cache")
     os.environ["PVT_CACHE"] = str(root)

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pvt.benchmark import Row, alternate, report
+from pvt.bench.harness import Row, alternate
+from pvt.bench.report import report
 
 pytest.importorskip("timm")
 pytest.importorskip("transformers")
@@ -22,7 +23,7 @@ def test_alternate_rotates_and_takes_medians() -> None:
 
 
 def test_twins_disagreeing_are_refused() -> None:
-    from pvt.peers import check_twins, timm_twins
+    from pvt.bench.peers import check_twins, timm_twins
 
     ours, peer = timm_twins("pvt_v2_b0")
     x = torch.randn(1, 3, 64, 64)

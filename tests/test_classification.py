@@ -17,8 +17,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import pvt
+from pvt.classification import CheckedImageFolder, DataError
 from pvt.cli import main as cli_main
-from pvt.tasks.classification import CheckedImageFolder, DataError
 
 REPO = Path(__file__).resolve().parent.parent
 # Small, fast settings on the embedded digits preset.

@@ -16,8 +16,8 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from pvt.datasets.shapes import CLASSES, ShapesSpec, export_shapes
-from pvt.tasks.detection.data import AnnotationError, CocoDetection
-from pvt.tasks.detection.evaluate import STAT_NAMES, coco_evaluate, to_coco_results
+from pvt.detection.data import AnnotationError, CocoDetection
+from pvt.detection.evaluate import STAT_NAMES, coco_evaluate, to_coco_results
 
 TINY = ShapesSpec(image_size=64, train_images=6, val_images=3, min_size=12, max_size=40)
 

@@ -16,8 +16,8 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from pvt.cli import main as cli_main
-from pvt.tasks.detection.data import AnnotationError, CocoDetection
-from pvt.tasks.detection.evaluate import coco_evaluate
+from pvt.detection.data import AnnotationError, CocoDetection
+from pvt.detection.evaluate import coco_evaluate
 
 W, H = 48, 40
 TRAIN_SETS = ["data.dataset=coco", "model.num_classes=2", "data.workers=0", "data.batch_size=2",

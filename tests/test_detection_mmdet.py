@@ -16,13 +16,12 @@ from torchvision.models.detection.image_list import ImageList
 
 import mmdet_reference as mref
 from pvt.checkpoint import CheckpointError, save_safetensors, to_official
-from pvt.models import create_model
-from pvt.tasks.detection.convert import (
+from pvt.detection.convert import (
     convert_detector,
     convert_mmdet_detector,
     read_detector_checkpoint,
 )
-from pvt.tasks.detection.mmdet_compat import (
+from pvt.detection.mmdet_compat import (
     MMDET_MAX_RATIO,
     MMDetAnchorGenerator,
     MMDetTransform,
@@ -32,7 +31,8 @@ from pvt.tasks.detection.mmdet_compat import (
     mmdet_nms,
     rescale_size,
 )
-from pvt.tasks.detection.models import LastLevelP6P7FromC5, mask_rcnn, retinanet
+from pvt.detection.models import LastLevelP6P7FromC5, mask_rcnn, retinanet
+from pvt.models import create_model
 
 RETINA = {"retinanet_pvtv2_b0": "pvt_v2_b0", "retinanet_pvt_s": "pvt_small"}
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from pvt.tasks.detection.mmdet_compat import MMDetTransform
+from pvt.detection.mmdet_compat import MMDetTransform
 
 REF = Path(__file__).parent / "reference"
 sys.path.insert(0, str(REF / "mmseg"))

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import pvt
+from pvt.classification import ClassificationData
 from pvt.engine import ConfigError, load_recipe
 from pvt.engine.config import OptimConfig, ScheduleConfig
 from pvt.engine.data import ResumableSampler, SeededDataset
@@ -26,7 +27,6 @@ from pvt.engine.state import (
     save_state,
     set_rng_state,
 )
-from pvt.tasks.classification import ClassificationData
 
 
 def test_recipe_defaults_preset_and_overrides() -> None:

@@ -21,8 +21,8 @@ from PIL import Image
 import pvt
 from pvt.cli import _recipe, build_parser
 from pvt.cli import main as cli_main
+from pvt.cli.deploy import build_for_export
 from pvt.deploy import ExportError, export, min_dynamic_side, read_metadata
-from pvt.deploy.command import build_for_export
 from pvt.deploy.onnx_runtime import load_onnx
 
 pytest.importorskip("onnxruntime")
@@ -261,7 +261,7 @@ def test_predict_and_eval_with_onnxruntime_match_pytorch(
 def test_semantic_fpn_gives_the_same_label_maps(
     runs: dict[str, Path], cache: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from pvt.tasks.segmentation.inference import infer
+    from pvt.segmentation.inference import infer
 
     path = tmp_path / "fpn.onnx"
     meta = _export_cli(runs["semantic_fpn"], path, "--task", "segmentation", "--dynamic", "--size", "64", "64")

@@ -1,4 +1,4 @@
-"""The fused-kernel inference path (``pvt.models.fused``): same outputs, and taken only where
+"""The fused-kernel inference path (``pvt.layers.fused``): same outputs, and taken only where
 nothing can tell the difference."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 import pvt
-from pvt.models import fused
+from pvt.layers import fused
 
 pytestmark = pytest.mark.skipif(not fused.AVAILABLE, reason="this torch build has no oneDNN fused ops")
 

@@ -7,6 +7,8 @@ import dataclasses
 import hashlib
 import io
 import json
+import re
+import shutil
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -28,6 +30,7 @@ from pvt.hub import (
     EvalTransform,
     ManualDownloadRequired,
     WeightsUnavailable,
+    fetch_to,
     get_source,
     imagenet_classes,
     is_cached,
@@ -43,11 +46,15 @@ COMMIT = "0123456789abcdef0123456789abcdef01234567"
 class FakeHosts:
     """Serves ``files`` (URL path -> bytes): hub paths answer HEAD with the headers
     ``hf_hub_download`` needs (``X-Repo-Commit``, ``ETag``, ``Content-Length``); a path in ``drop``
-    sends its full length header, half of the body, then closes the connection."""
+    sends its full length header, half of the body, then closes the connection. A missing hub
+    file answers 404 with the hub's ``X-Error-Code: EntryNotFound`` (without it if ``plain_404``,
+    as a bare mirror would); a path in ``status`` answers with that error status instead."""
 
     def __init__(self) -> None:
         self.files: dict[str, bytes] = {}
         self.drop: set[str] = set()
+        self.status: dict[str, int] = {}
+        self.plain_404 = False
         self.requests: list[tuple[str, str]] = []
         hosts = self
 
@@ -61,8 +68,10 @@ class FakeHosts:
                 path = self.path.split("?", 1)[0]
                 hosts.requests.append((self.command, path))
                 data = hosts.files.get(path)
-                if data is None:
-                    self.send_response(404)
+                if data is None or path in hosts.status:
+                    self.send_response(hosts.status.get(path, 404))
+                    if path not in hosts.status and "/resolve/" in path and not hosts.plain_404:
+                        self.send_header("X-Error-Code", "EntryNotFound")
                     self.send_header("Content-Length", "0")
                     self.end_headers()
                     return
@@ -168,6 +177,9 @@ def test_table_covers_every_model_with_one_default() -> None:
         assert ("timm" in tags) == name.startswith("pvt_v2"), name
         assert get_source(name, "hf").eval_transform == EvalTransform(crop_pct=1.0, crop_mode="squash",
                                                                     interpolation="bilinear")  # fmt: skip
+        # Hub rows ask as transformers and timm do: model.safetensors, else pytorch_model.bin.
+        hub_rows = [s for s in list_sources(name) if s.model == name and s.host == "hf"]
+        assert hub_rows and all(s.filenames == ("model.safetensors", "pytorch_model.bin") for s in hub_rows), name
     assert len(list_sources(task="coco")) == 9 + 2 * 11 and len(list_sources(task="ade20k")) == 4
     assert get_source("pvt_v2_b2", "coco", task="coco", arch="mask_rcnn").host == "gdrive"
     assert get_source("pvt_v2_b2", task="coco", arch="retinanet").sha256 == "529f0b9a"
@@ -220,6 +232,139 @@ def test_hf_download_through_huggingface_hub(hosts: FakeHosts, monkeypatch: pyte
     assert len(hosts.requests) == n  # cached: no request at all, not even a HEAD
 
 
+V1_HUB = "/Zetatech/pvt-tiny-224/resolve/main/"  # get_source("pvt_tiny", "hf")'s repository
+
+
+def _hf_pvt_layout(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """An official v1 state dict under transformers' ``PvtForImageClassification`` names (K, V split)."""
+
+    def stage(template: str) -> Any:  # official stages count from 1, transformers' from 0
+        return lambda m: template.format(int(m[1]) - 1)
+
+    rules: list[tuple[str, Any]] = [
+        (r"^pos_embed(\d)$", stage("pvt.encoder.patch_embeddings.{}.position_embeddings")),
+        (r"^cls_token$", "pvt.encoder.patch_embeddings.3.cls_token"),
+        (r"^patch_embed(\d)\.proj\.", stage("pvt.encoder.patch_embeddings.{}.projection.")),
+        (r"^patch_embed(\d)\.norm\.", stage("pvt.encoder.patch_embeddings.{}.layer_norm.")),
+        (r"^block(\d)\.", stage("pvt.encoder.block.{}.")),
+        (r"\.attn\.q\.", ".attention.self.query."),
+        (r"\.attn\.sr\.", ".attention.self.sequence_reduction."),
+        (r"\.attn\.norm\.", ".attention.self.layer_norm."),
+        (r"\.attn\.proj\.", ".attention.output.dense."),
+        (r"\.norm(\d)\.", r".layer_norm_\1."),
+        (r"\.mlp\.fc(\d)\.", r".mlp.dense\1."),
+        (r"^norm\.", "pvt.encoder.layer_norm."),
+        (r"^head\.", "classifier."),
+    ]
+    out = {}
+    for k, v in sd.items():
+        for pattern, repl in rules:
+            k = re.sub(pattern, repl, k)
+        if ".attn.kv." in k:
+            key, value = v.chunk(2)
+            out[k.replace(".attn.kv.", ".attention.self.key.")] = key.contiguous()
+            out[k.replace(".attn.kv.", ".attention.self.value.")] = value.contiguous()
+        else:
+            out[k] = v.contiguous()
+    return out
+
+
+def _pvt_tiny_hf() -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """A perturbed pvt_tiny's weights: (official names, transformers' names)."""
+    from pvt.checkpoint import detect_layout
+
+    ref = perturb_(create_model("pvt_tiny")).state_dict()
+    hf = _hf_pvt_layout(ref)
+    assert detect_layout(hf) == "hf_pvt"
+    return ref, hf
+
+
+def _torch_bytes(sd: dict[str, torch.Tensor]) -> bytes:
+    buf = io.BytesIO()
+    torch.save(sd, buf)
+    return buf.getvalue()
+
+
+def _assert_weights(model: torch.nn.Module, ref: dict[str, torch.Tensor]) -> None:
+    got = model.state_dict()
+    assert got.keys() == ref.keys()
+    assert [k for k in ref if not torch.equal(got[k], ref[k])] == []
+
+
+@pytest.mark.parametrize("filename", ["model.safetensors", "pytorch_model.bin"])
+def test_hf_repo_with_one_of_the_files_loads(hosts: FakeHosts, monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                             filename: str) -> None:  # fmt: skip
+    ref, hf = _pvt_tiny_hf()
+    data = save_safetensors_bytes(hf) if filename.endswith(".safetensors") else _torch_bytes(hf)
+    hosts.files[V1_HUB + filename] = data
+    model = create_model("pvt_tiny", pretrained="hf")
+    _assert_weights(model, ref)
+    asked = ["model.safetensors", "pytorch_model.bin"][: 1 + (filename == "pytorch_model.bin")]
+    assert hosts.file_requests() == [("HEAD", V1_HUB + f) for f in asked] + [("GET", V1_HUB + filename)]
+    row = model.pretrained_source
+    assert resolve(row).name == filename and resolve(row).read_bytes() == data
+    # Cached: no request, offline either; `pvt download --to` keeps the file's own name, and such
+    # a copy placed in $PVT_CACHE/weights is what resolve then uses.
+    n = len(hosts.requests)
+    _go_offline(monkeypatch)
+    assert is_cached(row) and resolve(row).name == filename
+    copy = fetch_to(row, tmp_path / "prefetched")
+    assert copy.name == f"Zetatech--pvt-tiny-224--{filename}" and copy.read_bytes() == data
+    assert len(hosts.requests) == n
+    local_path(row).parent.mkdir(parents=True)
+    copy.rename(local_path(row, filename))
+    shutil.rmtree(tmp_path / "hf")
+    assert resolve(row) == local_path(row, filename) and resolve(row).read_bytes() == data
+
+
+def test_hf_repo_with_both_files_takes_the_safetensors(hosts: FakeHosts) -> None:
+    ref, hf = _pvt_tiny_hf()
+    hosts.files[V1_HUB + "model.safetensors"] = save_safetensors_bytes(hf)
+    hosts.files[V1_HUB + "pytorch_model.bin"] = _torch_bytes({**hf, "classifier.bias": hf["classifier.bias"] + 1})
+    model = create_model("pvt_tiny", pretrained="hf")
+    _assert_weights(model, ref)
+    assert hosts.file_requests() == [("HEAD", V1_HUB + "model.safetensors"), ("GET", V1_HUB + "model.safetensors")]
+
+
+def test_hf_mirror_without_the_hub_error_headers_falls_back_on_its_404(hosts: FakeHosts) -> None:
+    hosts.plain_404 = True  # huggingface_hub then reports a LocalEntryNotFoundError raised from the 404
+    hosts.files[V1_HUB + "pytorch_model.bin"] = b"the mirror's file"
+    assert resolve(get_source("pvt_tiny", "hf")).read_bytes() == b"the mirror's file"
+    assert hosts.file_requests() == [("HEAD", V1_HUB + "model.safetensors"), ("HEAD", V1_HUB + "pytorch_model.bin"),
+                                     ("GET", V1_HUB + "pytorch_model.bin")]  # fmt: skip
+
+
+def test_hf_repo_with_neither_file_is_one_clear_error(hosts: FakeHosts) -> None:
+    row = get_source("pvt_tiny", "hf")
+    with pytest.raises(WeightsUnavailable) as e:
+        resolve(row)
+    msg = str(e.value)
+    assert "Zetatech/pvt-tiny-224" in msg and "neither model.safetensors nor pytorch_model.bin" in msg, msg
+    assert "404" in msg and "pvt_tiny:hf" in msg, msg
+    assert hosts.file_requests() == [("HEAD", V1_HUB + "model.safetensors"), ("HEAD", V1_HUB + "pytorch_model.bin")]
+    assert not is_cached(row)
+
+
+@pytest.mark.parametrize("status", [401, 403])
+def test_hf_errors_other_than_a_missing_file_do_not_fall_back(hosts: FakeHosts, status: int) -> None:
+    hosts.files[V1_HUB + "pytorch_model.bin"] = b"never asked for"
+    hosts.status[V1_HUB + "model.safetensors"] = status
+    with pytest.raises(WeightsUnavailable, match="cannot be fetched"):
+        resolve(get_source("pvt_tiny", "hf"))
+    assert hosts.file_requests() == [("HEAD", V1_HUB + "model.safetensors")]  # the .bin was not asked for
+
+
+def test_hf_fallback_file_of_a_row_with_a_checksum_warns(hosts: FakeHosts) -> None:
+    row = get_source("pvt_v2_b0", "timm")
+    assert (row.filename, row.sha256) == ("model.safetensors", "d0927f8c")  # the digest is the safetensors'
+    data, saved = _official_pth()  # any layout loads: it is detected from the keys
+    hosts.files["/timm/pvt_v2_b0.in1k/resolve/main/pytorch_model.bin"] = data
+    with pytest.warns(UserWarning, match=r"sha256 \(d0927f8c\) is that of model\.safetensors and was not checked"):
+        model = create_model("pvt_v2_b0", pretrained="timm")
+    _assert_weights(model, saved.state_dict())
+    assert resolve(row).name == "pytorch_model.bin"
+
+
 def test_checksum_mismatch_is_refused_and_leaves_nothing(hosts: FakeHosts, monkeypatch: pytest.MonkeyPatch) -> None:
     row, _ = _serve_official(hosts, monkeypatch, sha256="0" * 64)
     with pytest.raises(CheckpointError, match="not the published file") as e:
@@ -248,11 +393,12 @@ def test_dropped_connection_leaves_nothing(hosts: FakeHosts, monkeypatch: pytest
 def test_offline_with_empty_cache_is_one_clear_error(hosts: FakeHosts, monkeypatch: pytest.MonkeyPatch) -> None:
     row, _ = _serve_official(hosts, monkeypatch)
     _go_offline(monkeypatch)
-    for source in (row, get_source("pvt_v2_b0", "timm")):
+    for source in (row, get_source("pvt_v2_b0", "timm"), get_source("pvt_tiny", "hf")):
         with pytest.raises(WeightsUnavailable) as e:
             resolve(source)
         msg = str(e.value)
         assert source.filename in msg and source.url in msg and str(local_path(source)) in msg, msg
+        assert all(f in msg and str(local_path(source, f)) in msg for f in source.filenames), msg
         assert "HF_HUB_OFFLINE" in msg
     assert hosts.requests == []
     # A copy placed there by hand is then used, offline.
@@ -312,7 +458,7 @@ def test_cli_weights_and_download(hosts: FakeHosts, monkeypatch: pytest.MonkeyPa
 def test_predict_pretrained_uses_the_source_transform_and_imagenet_names(
     hosts: FakeHosts, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    import pvt.tasks.classification.task as cls_task
+    import pvt.classification.task as cls_task
 
     transform = EvalTransform(input_size=96, crop_pct=1.0, crop_mode="squash", interpolation="bilinear",
                               mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))  # fmt: skip
@@ -364,8 +510,8 @@ def test_pretrained_and_checkpoint_together_is_an_error(tmp_path: Path, capsys: 
 
 def test_dense_builders_take_the_imagenet_backbone(hosts: FakeHosts, monkeypatch: pytest.MonkeyPatch) -> None:
     from pvt.engine import load_recipe
+    from pvt.segmentation.models import semantic_fpn
     from pvt.tasks import get_task
-    from pvt.tasks.segmentation.models import semantic_fpn
 
     _, saved = _serve_official(hosts, monkeypatch)
     model = semantic_fpn("pvt_v2_b0", 4, backbone_pretrained=True, fpn_channels=32, head_channels=16)

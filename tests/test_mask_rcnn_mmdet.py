@@ -14,13 +14,13 @@ from torchvision.ops import roi_align
 
 import mmdet_reference as mref
 from pvt.checkpoint import CheckpointError
-from pvt.tasks.detection.convert import convert_detector, convert_mmdet_detector, read_detector_checkpoint
-from pvt.tasks.detection.mmdet_compat import MMDetTransform, mmdet_paste_masks
-from pvt.tasks.detection.mmdet_rcnn import (
+from pvt.detection.convert import convert_detector, convert_mmdet_detector, read_detector_checkpoint
+from pvt.detection.mmdet_compat import MMDetTransform, mmdet_paste_masks
+from pvt.detection.mmdet_rcnn import (
     MMDetRoIAlign,
     convert_rcnn_heads,
 )
-from pvt.tasks.detection.models import mask_rcnn
+from pvt.detection.models import mask_rcnn
 
 REF = "mask_rcnn_pvtv2_b0"
 

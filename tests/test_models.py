@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import pvt
-from pvt.models.layers import Attention, Mlp, PatchEmbed
+from pvt.layers.blocks import Attention, Mlp, PatchEmbed
 
 ALL = pvt.list_models()
 V1 = pvt.list_models("pvt_[tsml]*")

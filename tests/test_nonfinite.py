@@ -17,11 +17,11 @@ import mmdet_reference as mref
 import pvt
 from pvt.checkpoint import CheckpointError, save_safetensors
 from pvt.checkpoint.loader import check_finite
+from pvt.classification.task import ClassificationTask
 from pvt.cli import main as cli_main
 from pvt.engine import load_recipe
 from pvt.engine.presets import load_preset
 from pvt.tasks import get_task
-from pvt.tasks.classification.task import ClassificationTask
 
 REPO = Path(__file__).resolve().parent.parent
 QUICK = ["train.progress=false", "train.log_every=1", "data.eval_batch_size=360"]
@@ -151,7 +151,7 @@ from pvt.engine import Trainer, load_recipe
 from pvt.engine.presets import load_preset
 from pvt.engine.trainer import NonFiniteLoss
 from pvt.tasks import get_task
-from pvt.tasks.classification.task import ClassificationTask
+from pvt.classification.task import ClassificationTask
 
 real_loss, calls = ClassificationTask.loss, [0]
 

@@ -12,8 +12,8 @@ import torch
 
 import pvt
 from conftest import perturb_
+from pvt.bench.peers import hf_v1_config, hf_v2_config, match_hf_eps_
 from pvt.checkpoint import detect_layout
-from pvt.peers import hf_v1_config, hf_v2_config, match_hf_eps_
 
 timm = pytest.importorskip("timm")
 transformers = pytest.importorskip("transformers")

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from pvt.models import create_model, fused
-from pvt.precision import (
+from pvt.runtime.precision import (
     Bf16Part,
     CompiledPart,
     CpuInfo,
@@ -28,7 +28,7 @@ XEON = CpuInfo("Intel Xeon", frozenset({"avx2", "avx512f", "avx512_vnni", "avx51
 
 @pytest.fixture
 def mkldnn_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("pvt.precision._mkldnn_bf16", lambda: True)
+    monkeypatch.setattr("pvt.runtime.precision._mkldnn_bf16", lambda: True)
 
 
 def test_cpu_info_reads_model_and_flags(tmp_path: Path) -> None:
@@ -92,7 +92,7 @@ def test_bf16_detector_keeps_box_maths_in_fp32() -> None:
     images = [torch.rand(3, 96, 128)]
     with torch.inference_mode():
         ref = model(images)[0]
-    from pvt.precision import _to_bf16
+    from pvt.runtime.precision import _to_bf16
 
     half = _to_bf16(copy.deepcopy(model), compile=False)
     parts = [half.backbone, half.rpn.head, half.roi_heads.box_head, half.roi_heads.box_predictor,
@@ -110,7 +110,7 @@ def test_bf16_detector_keeps_box_maths_in_fp32() -> None:
 
 
 def test_bf16_segmenter_labels_agree() -> None:
-    from pvt.precision import _to_bf16
+    from pvt.runtime.precision import _to_bf16
     from pvt.segmentation import semantic_fpn
 
     model = semantic_fpn("pvt_v2_b0", num_classes=4).eval()

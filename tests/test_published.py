@@ -13,8 +13,8 @@ from PIL import Image
 
 import mmdet_reference as mref
 from pvt.cli import main
-from pvt.tasks.detection.coco import COCO_CATEGORY_IDS
-from pvt.tasks.published import published_source, whole_model_task
+from pvt.detection.coco import COCO_CATEGORY_IDS
+from pvt.tasks import published_source, whole_model_task
 
 
 @pytest.fixture(scope="module")

@@ -37,7 +37,7 @@ def test_keeping_freed_memory_removes_page_faults() -> None:
 
 def test_cli_keeps_freed_memory() -> None:
     code = (
-        "from pvt.cli import main; from pvt import runtime; "
+        "from pvt.cli import main; from pvt.runtime import malloc as runtime; "
         "main(['models', 'pvt_tiny']); print(runtime.keeps_freed_memory())"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

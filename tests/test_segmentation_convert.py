@@ -15,7 +15,8 @@ import torch
 from pvt.checkpoint import CheckpointError
 from pvt.checkpoint.io import read_checkpoint
 from pvt.segmentation import semantic_fpn
-from pvt.tasks.segmentation.convert import convert_segmenter, read_whole_segmenter
+from pvt.segmentation.convert import read_whole_segmenter
+from pvt.segmentation.models import convert_segmenter
 
 REF = Path(__file__).parent / "reference" / "mmseg"
 sys.path.insert(0, str(REF))
@@ -121,7 +122,7 @@ def test_cli_convert_predict_and_pretrained(mmseg_file: Path, tmp_path: Path, mo
 def test_test_time_resize_is_the_authors_align_resize() -> None:
     """The evaluation resize equals the authors' AlignResize as mmcv computes it (two OpenCV
     bilinear resizes of the uint8 image; reference from reference/mmseg/make_align_resize.py)."""
-    from pvt.tasks.segmentation.inference import align_resize
+    from pvt.segmentation.inference import align_resize
 
     ref = torch.load(REF / "align_resize.pt", weights_only=True)
     for case in ref["cases"]:

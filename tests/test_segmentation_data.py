@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from torch.nn.functional import max_pool2d
 
-from pvt.tasks.segmentation.data import (
+from pvt.segmentation.data import (
     ADE20K_CLASSES,
     LabelError,
     SegmentationData,

@@ -10,8 +10,8 @@ from torch import nn
 
 import pvt
 from pvt.segmentation import confusion_matrix, infer, segmentation_metrics, semantic_fpn
-from pvt.tasks.segmentation.data import eval_size
-from pvt.tasks.segmentation.inference import slide_logits
+from pvt.segmentation.data import eval_size
+from pvt.segmentation.inference import slide_logits
 
 # The papers' ADE20K table: (M params with 150 classes, GMACs at 512x512).
 PAPER = {"pvt_tiny": (17.0, 33.2), "pvt_small": (28.2, 44.5), "pvt_medium": (48.0, 61.0), "pvt_large": (65.1, 79.6),

@@ -75,7 +75,7 @@ def test_short_training_run_eval_and_predict(tmp_path: Path, cache: Path, capsys
     assert np.array_equal(np.asarray(label), expected.numpy())
 
     # The demo's picture: one row per validation image (image | truth | prediction).
-    from pvt.tasks.segmentation.visualize import predictions_vs_truth
+    from pvt.segmentation.visualize import predictions_vs_truth
 
     _, val = task.build_datasets(recipe, train=False)
     png = predictions_vs_truth(model, val, tmp_path / "pv.png", count=2, **task.infer_kwargs(recipe.data))

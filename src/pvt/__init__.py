@@ -1,7 +1,6 @@
 """pvt-vision: the Pyramid Vision Transformer (v1 and v2) as a backbone for dense prediction."""
 
 from pvt.checkpoint import CheckpointError, LoadReport, load_checkpoint, save_safetensors
-from pvt.complexity import Complexity, complexity
 from pvt.models import (
     FeatureInfo,
     ModelCard,
@@ -12,12 +11,12 @@ from pvt.models import (
     list_models,
     model_card,
 )
-
-__version__ = "0.1.0"
+from pvt.models.complexity import Complexity, complexity
+from pvt.version import __version__
 
 # Task packages load on first use (`pvt.detection.retinanet(...)` after a plain `import pvt`), so
 # `import pvt` stays as light as the models themselves.
-_LAZY_SUBMODULES = ("detection", "segmentation", "hub")
+_LAZY_SUBMODULES = ("classification", "detection", "segmentation", "hub", "tasks")
 
 
 def __getattr__(name: str) -> object:
@@ -25,8 +24,8 @@ def __getattr__(name: str) -> object:
 
     if name in _LAZY_SUBMODULES:
         return importlib.import_module(f"pvt.{name}")
-    if name == "optimize_for_inference":  # bf16 / int8 inference (pvt.precision)
-        return importlib.import_module("pvt.precision").optimize_for_inference
+    if name == "optimize_for_inference":  # bf16 / int8 inference (pvt.runtime.precision)
+        return importlib.import_module("pvt.runtime.precision").optimize_for_inference
     if name == "export":  # pvt.export(model, example, out, format=..., dynamic=...): pvt.deploy.export
         from pvt.deploy import export
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -12,12 +13,11 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from pvt.checkpoint.layouts import CheckpointError, StateDict, unwrap
-from pvt.io import atomic_write
+from pvt.checkpoint.layouts import CheckpointError, StateDict, strip_module_prefix, unwrap
+from pvt.utils.files import atomic_write
 
 FORMAT_NAME = "pvt-vision"
 FORMAT_VERSION = "1"
-TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".tar")
 
 
 def read_checkpoint(path: str | os.PathLike[str]) -> tuple[StateDict, dict[str, str]]:
@@ -56,8 +56,9 @@ def _inert_class(qualified: str) -> type:
     return type(name, (), attrs)
 
 
-def read_checkpoint_object(path: str | os.PathLike[str]) -> Any:
-    """The whole saved object of a torch file, read with ``weights_only=True``.
+def read_checkpoint_object(path: str | os.PathLike[str], *, mmap: bool = False) -> Any:
+    """The whole saved object of a torch file, read with ``weights_only=True`` (``mmap``: tensors
+    mapped from the file, read only when touched, where the file is a zip archive).
 
     mmcv / mmengine files keep training metadata next to the weights (numpy scalars and arrays,
     config objects, message-hub buffers) that ``weights_only`` refuses. Globals of those packages
@@ -68,15 +69,16 @@ def read_checkpoint_object(path: str | os.PathLike[str]) -> Any:
     p = Path(path)
     if not p.is_file():
         raise CheckpointError(f"{p}: checkpoint file not found")
+    mmap = mmap and zipfile.is_zipfile(p)
     try:
         try:
-            return torch.load(p, map_location="cpu", weights_only=True)
+            return torch.load(p, map_location="cpu", weights_only=True, mmap=mmap)
         except pickle.UnpicklingError:
             names = torch.serialization.get_unsafe_globals_in_checkpoint(p)
             if not names or not all(n.startswith(INERT_PREFIXES) for n in names):
                 raise
             with torch.serialization.safe_globals([_inert_class(n) for n in names]):
-                return torch.load(p, map_location="cpu", weights_only=True)
+                return torch.load(p, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # a corrupt pickle can raise almost anything
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(
@@ -116,3 +118,16 @@ def save_safetensors(
         meta["arch"] = arch
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in sd.items()}
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+
+
+def read_keys(path: str | os.PathLike[str]) -> tuple[list[str], dict[str, str]]:
+    """Tensor names and header metadata of a checkpoint file (safetensors: without reading tensors)."""
+    if str(path).endswith(".safetensors"):
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                return list(f.keys()), dict(f.metadata() or {})
+        except Exception as e:
+            raise CheckpointError(f"{path}: not a readable safetensors file ({e}); re-export it") from e
+    # Mapped, not read: only the names are needed (whole-model conversion then reads the file once).
+    sd, _ = strip_module_prefix(unwrap(read_checkpoint_object(path, mmap=True), str(path)))
+    return list(sd), {}

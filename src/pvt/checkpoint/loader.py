@@ -10,9 +10,8 @@ from __future__ import annotations
 import math
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from functools import lru_cache
 
 import torch
 from torch import Tensor, nn
@@ -26,8 +25,7 @@ from pvt.checkpoint.layouts import (
     to_official,
     unwrap,
 )
-from pvt.models.pvt_v1 import resize_pos_embed
-from pvt.models.registry import list_models, model_builder
+from pvt.layers.blocks import resize_pos_embed
 
 MIN_BACKBONE_COVERAGE = 0.9
 # Keys a dense (features-only) model does not have and a classification checkpoint does.
@@ -100,25 +98,37 @@ def resize_pos_table(pos: Tensor, shape: torch.Size) -> Tensor:
     return grid
 
 
+# Architecture fingerprints, filled by the model registry as variants register (``register_arch``):
+# data flows down, so this layer never imports the models.
+_ARCH_BUILDERS: dict[str, Callable[[], nn.Module]] = {}
+_ARCH_SIGNATURES: dict[str, frozenset[tuple[str, tuple[int, ...]]]] = {}
+
+
+def register_arch(name: str, build: Callable[[], nn.Module]) -> None:
+    """Let ``infer_arch`` recognise ``name``: ``build()`` makes the model (on the meta device, on use)."""
+    _ARCH_BUILDERS[name] = build
+    _ARCH_SIGNATURES.pop(name, None)
+
+
 def _signature(sd: Mapping[str, Tensor]) -> frozenset[tuple[str, tuple[int, ...]]]:
     """Architecture fingerprint: backbone keys and shapes, ignoring resizable and head tensors."""
     skip = ("head.", "pos_embed", "cls_token", "norm.weight", "norm.bias")
     return frozenset((k, tuple(v.shape)) for k, v in sd.items() if not k.startswith(skip))
 
 
-@lru_cache(maxsize=1)
-def _registry_signatures() -> dict[str, frozenset[tuple[str, tuple[int, ...]]]]:
-    sigs = {}
-    with torch.device("meta"):
-        for name in list_models():
-            sigs[name] = _signature(model_builder(name)().state_dict())
-    return sigs
+def _arch_signatures() -> dict[str, frozenset[tuple[str, tuple[int, ...]]]]:
+    missing = [n for n in _ARCH_BUILDERS if n not in _ARCH_SIGNATURES]
+    if missing:
+        with torch.device("meta"):
+            for name in missing:
+                _ARCH_SIGNATURES[name] = _signature(_ARCH_BUILDERS[name]().state_dict())
+    return {n: _ARCH_SIGNATURES[n] for n in _ARCH_BUILDERS}
 
 
 def infer_arch(sd: Mapping[str, Tensor]) -> str | None:
     """Registered model name whose backbone matches an official-layout state dict exactly."""
     sig = _signature(sd)
-    return next((n for n, s in _registry_signatures().items() if s == sig), None)
+    return next((n for n, s in _arch_signatures().items() if s == sig), None)
 
 
 @dataclass

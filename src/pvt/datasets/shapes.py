@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from pvt.datasets.files import cache_dir
+from pvt.utils.cache import cache_dir
 
 CLASSES = ("circle", "square", "triangle", "star")
 VERSION = 4

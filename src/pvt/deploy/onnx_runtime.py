@@ -16,7 +16,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from pvt.deploy.export import ExportError, read_metadata
+from pvt.deploy.exporter import read_metadata
+from pvt.deploy.spec import ExportError
 
 
 def session(path: str | Path, threads: int | None = None) -> Any:
@@ -85,11 +86,11 @@ class OnnxDense(OnnxModel):
             outs = [torch.from_numpy(np.concatenate(p)) for p in zip(*parts, strict=True)]
         else:
             outs = [torch.from_numpy(o) for o in self.run(x)]
-        return outs if self.metadata["task"] == "features" else outs[0]
+        return outs if len(outs) > 1 else outs[0]  # a backbone's maps as a list, else one tensor
 
 
 class OnnxDetector(OnnxModel):
-    """RetinaNet / Mask R-CNN: one session run per image (the file takes one image)."""
+    """A one-image file (RetinaNet / Mask R-CNN): one session run per image, torchvision's list of dicts."""
 
     def forward(self, images: list[Tensor]) -> list[dict[str, Tensor]]:
         names = [o.name for o in self.session.get_outputs()]
@@ -108,7 +109,8 @@ def load_onnx(path: str | Path, task: str | None = None, threads: int | None = N
     meta = read_metadata(path)
     if task is not None and meta["task"] != task:
         raise ExportError(f"{path}: holds a {meta['task']} model ({meta.get('arch')}), not a {task} one")
-    cls = OnnxDetector if meta["task"] == "detection" else OnnxDense
+    one_image = str(meta.get("input", {}).get("layout", "")).startswith("CHW")  # no batch axis: one image a run
+    cls = OnnxDetector if one_image else OnnxDense
     return cls(path, meta, threads)
 
 

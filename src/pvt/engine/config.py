@@ -106,7 +106,7 @@ class Recipe:
         }
 
     def dump(self, path: str | Path) -> None:
-        from pvt.io import atomic_write
+        from pvt.utils.files import atomic_write
 
         text = yaml.safe_dump(self.to_dict(), sort_keys=False)
         atomic_write(path, lambda tmp: Path(tmp).write_text(text))

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from pvt.io import atomic_write
+from pvt.utils.files import atomic_write
 
 _NOT_METRICS = {"type", "epoch", "iteration", "count", "img_s"}
 

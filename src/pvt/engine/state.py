@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from pvt.checkpoint import CheckpointError
-from pvt.io import atomic_write
+from pvt.utils.files import atomic_write
 
 _NAME = re.compile(r"^ckpt_(\d{8})\.pt$")
 

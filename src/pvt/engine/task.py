@@ -7,9 +7,11 @@ checkpoints, logging).
 
 from __future__ import annotations
 
+import json
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -50,14 +52,70 @@ class Predictor(ABC):
     def record(self, name: str, output: Any, index: int = 0) -> dict[str, Any]:
         """The JSON record of one image (``index``: its position among the inputs, for ids)."""
 
+    def describe(self, recipe: Recipe) -> dict[str, Any]:
+        """What ``pvt serve``'s ``GET /v1/model`` says of this model beyond its task and classes:
+        ``architecture``, ``input_size`` and anything the web page draws with."""
+        size = getattr(recipe.data, "input_size", None)
+        return {"architecture": recipe.model.name, "input_size": None if size is None else [size, size]}
+
+    def extras(self, image: torch.Tensor, output: Any) -> dict[str, Any]:
+        """Extra fields of ``pvt serve``'s answer for one image (``image``: ``prepare``'s input, for
+        pictures drawn over it); none by default."""
+        return {}
+
+
+@dataclass
+class ExportSpec:
+    """How a task's model goes through ``pvt export`` and comes back in ``--runtime onnxruntime``.
+
+    The exporter (``pvt.deploy``) knows no task: it traces ``module`` on an example of the shape
+    this spec says and stores ``metadata`` (input, outputs, preprocessing, ...) in the file.
+    """
+
+    kind: str  # the file's task: a task name, or "features" for a bare four-map backbone
+    module: nn.Module  # what is traced: the model, or a wrapper taking / returning tensors
+    outputs: tuple[str, ...] = ("logits",)
+    one_image: bool = False  # takes one [3, H, W] image per run (else a batch [B, 3, H, W])
+    torchscript: bool = False  # data-dependent output sizes: the TorchScript exporter, no pt2
+    default_size: tuple[int, int] = (224, 224)  # the example's size when none is given
+    metadata: dict[str, Any] = field(default_factory=dict)  # input, outputs, preprocess, ... (JSON)
+    recipe: dict[str, Any] = field(default_factory=dict)  # {"model": {...}, "data": {...}} pvt predict sets
+    classes: list[str] | None = None  # the class names pvt predict would print
+    refuse: str | None = None  # why this model cannot be exported faithfully (the message), else None
+    no_pt2: str | None = None  # why it cannot go to pt2 (torchscript models), else None
+    varying_axes: dict[str, dict[int, str]] = field(default_factory=dict)  # TorchScript: always-varying dims
+    size_axes: dict[str, dict[int, str]] = field(default_factory=dict)  # TorchScript: dims varying with --dynamic
+    dynamic_info: dict[str, Any] = field(default_factory=dict)  # one-image files: more of metadata["dynamic"]
+
+
+@dataclass
+class WholeModel:
+    """A whole model read and converted by ``Task.read_whole_model``, ready to be written once: its
+    tensors in this project's names, its safetensors header, the recipe's ``model`` section for it,
+    whether the source was this project's own file (its run's ``config.yaml`` is then its recipe),
+    and a report for people."""
+
+    state_dict: dict[str, torch.Tensor]
+    header: dict[str, str]  # "arch" included
+    model: dict[str, Any]
+    own: bool
+    report: str
+
 
 class Task(ABC):
-    """Subclass per task: classification, detection, segmentation."""
+    """Subclass per task: classification, detection, segmentation.
+
+    Everything outside the engine that differs per task asks the task through a hook here (or the
+    predictor, or the model), never by testing its name: a new task is one package and one line in
+    the registry (``pvt.tasks``).
+    """
 
     name: str
     data_config: type[LoaderConfig]
     model_config: type[ModelConfig] = ModelConfig
     headline: tuple[str, ...]  # metrics copied to final.json (percent)
+    hub_task: str | None = None  # published whole models: their task in the weights table (``coco``)
+    default_preset: str | None = None  # what ``pvt train TASK`` runs without --preset
 
     @abstractmethod
     def build_model(self, recipe: Recipe) -> nn.Module: ...
@@ -100,8 +158,27 @@ class Task(ABC):
         artifacts: dict[str, Any],
         out_dir: str | None,
     ) -> list[dict[str, Any]]:
-        """Predictions for image files, one record per image (written under ``out_dir`` if set)."""
-        raise NotImplementedError(f"{self.name} has no predict yet")
+        """Predictions for image files (or every image in a folder), one record per image, through the
+        task's predictor; also written to ``out_dir/predictions.json`` when set. Tasks that write
+        more (pictures, COCO results) override this."""
+        from PIL import Image, UnidentifiedImageError
+
+        from pvt.utils.cache import expand_inputs
+        from pvt.utils.files import atomic_write
+
+        predictor = self.predictor(model, recipe, artifacts)
+        records = []
+        for path in expand_inputs(inputs):
+            try:
+                with Image.open(path) as im:
+                    image = im.convert("RGB")
+            except (OSError, UnidentifiedImageError, ValueError) as e:
+                raise ValueError(f"{path}: cannot read this image ({e}); replace or remove it") from e
+            records.append(predictor.record(path, predictor.forward([predictor.prepare(image)])[0]))
+        if out_dir is not None:
+            text = json.dumps(records, indent=2) + "\n"
+            atomic_write(Path(out_dir) / "predictions.json", lambda tmp: Path(tmp).write_text(text))
+        return records
 
     def predictor(self, model: nn.Module, recipe: Recipe, artifacts: dict[str, Any]) -> Predictor:
         """What ``predict`` runs per batch of images; ``artifacts`` is the run's ``task.json``."""
@@ -110,3 +187,43 @@ class Task(ABC):
     def param_group_kwargs(self) -> dict[str, Any]:
         """Where the head and the PVT backbone live in this task's model (for param groups)."""
         return {}
+
+    # Whole models (a detector or segmenter file, not just a backbone): conversion and published recipes.
+
+    def claims_checkpoint(self, keys: Sequence[str], meta: Mapping[str, str]) -> bool:
+        """Whether a checkpoint with these tensor names and header metadata is a whole model of this task."""
+        return False
+
+    def read_whole_model(self, src: str, *, allow_nonfinite: bool = False) -> WholeModel:
+        """Read a whole model of this task (``claims_checkpoint``) and convert it to this project's
+        names, load-checked; ``pvt.tasks.convert_whole_model`` writes it."""
+        raise NotImplementedError(f"{self.name} has no whole-model conversion")
+
+    def paper_preset(self, model: Mapping[str, Any]) -> str | None:
+        """The shipped preset holding the papers' recipe for this ``model`` section, if any."""
+        return None
+
+    def published_arch(self, model: Mapping[str, Any]) -> str | None:
+        """The ``arch`` of this task's published whole models to look up (``model``: the flags' model fields)."""
+        return None
+
+    def published_model_fields(self, source: Any) -> dict[str, Any]:
+        """Recipe ``model`` fields a published whole model's row implies (a ``pvt.hub.WeightsSource``)."""
+        return {}
+
+    # Export (pvt export, pvt.export) and exported files (--runtime onnxruntime).
+
+    def owns_model(self, model: nn.Module) -> bool:
+        """Whether ``model`` is one of this task's models (``pvt.export(model, ...)`` asks each task)."""
+        return False
+
+    def export_spec(self, model: nn.Module, recipe: Recipe | None, artifacts: dict[str, Any]) -> ExportSpec:
+        """How ``model`` (built from ``recipe``, or None for a model without one) is exported."""
+        raise NotImplementedError(f"{self.name} has no export")
+
+    def artifacts_from_export(self, meta: dict[str, Any]) -> dict[str, Any]:
+        """The ``task.json`` an exported file's metadata stands for (its class names by default)."""
+        artifacts = dict(meta.get("artifacts") or {})
+        if meta.get("classes"):
+            artifacts["classes"] = meta["classes"]
+        return artifacts

@@ -22,8 +22,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, Dataset
 
+import pvt.engine.state as ckpt
 from pvt.checkpoint.io import save_safetensors
-from pvt.engine import state as ckpt
 from pvt.engine.config import Recipe
 from pvt.engine.data import ResumableSampler, SeededDataset
 from pvt.engine.distributed import (
@@ -38,8 +38,9 @@ from pvt.engine.distributed import (
     is_collective_failure,
 )
 from pvt.engine.optim import Schedule, build_optimizer, scaled_lr
+from pvt.engine.runs import ARTIFACTS, RUN_CONFIG, WEIGHTS
 from pvt.engine.task import LoaderConfig, Task
-from pvt.io import atomic_write
+from pvt.utils.files import atomic_write
 
 
 def set_determinism(seed: int, deterministic: bool) -> None:
@@ -125,7 +126,7 @@ class Trainer:
         set_determinism(tc.seed + self.dist.rank, tc.deterministic)
         if self.dist.is_main:
             (self.run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-            recipe.dump(self.run_dir / "config.yaml")
+            recipe.dump(self.run_dir / RUN_CONFIG)
         barrier(self.dist)
         self.log = MetricsLog(self.run_dir / "metrics.jsonl", self.dist.is_main)
         self.autocast = autocast_factory(tc.amp, self.device)
@@ -194,7 +195,7 @@ class Trainer:
         self.tb = self._tensorboard() if r.train.tensorboard and self.dist.is_main else None
         if self.dist.is_main:
             text = json.dumps(self.task.artifacts(), indent=2) + "\n"
-            atomic_write(self.run_dir / "task.json", lambda tmp: Path(tmp).write_text(text))
+            atomic_write(self.run_dir / ARTIFACTS, lambda tmp: Path(tmp).write_text(text))
 
     def _tensorboard(self) -> Any:
         try:
@@ -437,7 +438,7 @@ class Trainer:
         final_model = self.ema.module if self.ema is not None else self.model
         # A model may name what rebuilding it needs beyond its tensors (a detector's semantics).
         extra = getattr(self.model, "checkpoint_metadata", None)
-        save_safetensors(final_model.state_dict(), self.run_dir / "model.safetensors", arch=arch, metadata=extra)
+        save_safetensors(final_model.state_dict(), self.run_dir / WEIGHTS, arch=arch, metadata=extra)
         final = {k: round(float(metrics[k]), 4) for k in self.task.headline if k in metrics}
         final_json: dict[str, Any] = {**final, "iterations": self.schedule.iteration, "task": self.task.name}
         text = json.dumps(final_json, indent=2) + "\n"

@@ -7,6 +7,10 @@ A row names the registered backbone it belongs to (``model``), a ``tag`` unique 
 one is known, the key layout of its backbone, its licence and its published metric. ImageNet rows
 also carry the evaluation transform their published top-1 was measured with.
 
+Hub rows ask for their file the way transformers and timm do: ``model.safetensors`` first, then
+``pytorch_model.bin`` (``fallbacks``) when the repository has no safetensors file, so a repository
+converted either way still loads. A row's ``sha256`` is that of its first file, ``filename``.
+
 Nothing here touches the network; ``pvt.hub.download`` fetches a row's file.
 """
 
@@ -16,10 +20,9 @@ import fnmatch
 import os
 from dataclasses import dataclass
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from pvt.utils.constants import IMAGENET_MEAN, IMAGENET_STD
+
 TASKS = ("imagenet", "coco", "ade20k")
-HOSTS = ("hf", "url", "gdrive")
 
 
 @dataclass(frozen=True)
@@ -52,14 +55,20 @@ class WeightsSource:
     arch: str  # classifier | retinanet | mask_rcnn | semantic_fpn
     host: str  # hf | url | gdrive
     location: str  # hf: repo id; url: the file's URL; gdrive: the page that links the file
-    filename: str  # hf: the file in the repo; url / gdrive: the name in $PVT_CACHE/weights
-    sha256: str | None  # full hex digest, or a known prefix of it, or None
+    filename: str  # hf: the preferred file in the repo; url / gdrive: the name in $PVT_CACHE/weights
+    sha256: str | None  # of ``filename``: full hex digest, or a known prefix of it, or None
     layout: str  # backbone key layout (pvt.checkpoint.LAYOUTS); dense files add their necks/heads
     license: str
     metrics: tuple[tuple[str, float], ...]  # (("top1", 82.0),), (("box_ap", 42.9), ("mask_ap", 39.5))
     num_classes: int
     eval_transform: EvalTransform | None = None  # ImageNet rows
     note: str = ""
+    fallbacks: tuple[str, ...] = ()  # hf: files tried in order when the repo has no ``filename`` (404)
+
+    @property
+    def filenames(self) -> tuple[str, ...]:
+        """The files asked for, in order: ``filename``, then ``fallbacks``."""
+        return (self.filename, *self.fallbacks)
 
     @property
     def name(self) -> str:
@@ -74,10 +83,14 @@ class WeightsSource:
 
     @property
     def url(self) -> str:
-        """Where the file is fetched from (hf: the ``resolve/main`` URL on ``HF_ENDPOINT``'s host)."""
+        """Where the file is fetched from (hf: ``filename``'s ``resolve/main`` URL on ``HF_ENDPOINT``'s host)."""
+        return self.file_url(self.filename)
+
+    def file_url(self, filename: str) -> str:
+        """The URL of one of ``filenames`` (url / gdrive rows: ``location``, their only file)."""
         if self.host == "hf":
             endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
-            return f"{endpoint}/{self.location}/resolve/main/{self.filename}"
+            return f"{endpoint}/{self.location}/resolve/main/{filename}"
         return self.location
 
     def metric_text(self) -> str:
@@ -86,6 +99,8 @@ class WeightsSource:
 
 
 _LICENSE = "Apache-2.0"
+# What transformers' from_pretrained and timm ask a hub repository for, in this order.
+_HF_FILE, _HF_FALLBACKS = "model.safetensors", ("pytorch_model.bin",)
 _RELEASE = "https://github.com/whai362/PVT/releases/download/v2/{}"
 _MMDET = "https://download.openmmlab.com/mmdetection/v2.0/pvt/{}/{}"
 _DET_README = "https://github.com/whai362/PVT/tree/v2/detection"
@@ -150,15 +165,16 @@ def _imagenet_rows() -> list[WeightsSource]:
         if timm_sha != "":
             rows.append(
                 WeightsSource(model, "timm", "imagenet", "classifier", "hf", f"timm/{model}.in1k",
-                              "model.safetensors", timm_sha, "timm", _LICENSE, metric, 1000, TIMM_EVAL,
-                              "timm's copy of the official weights; top-1 as published (official transform)")
+                              _HF_FILE, timm_sha, "timm", _LICENSE, metric, 1000, TIMM_EVAL,
+                              "timm's copy of the official weights; top-1 as published (official transform)",
+                              fallbacks=_HF_FALLBACKS)
             )  # fmt: skip
         v2 = model.startswith("pvt_v2")
         rows.append(
-            WeightsSource(model, "hf", "imagenet", "classifier", "hf", hf_repo,
-                          "model.safetensors" if v2 else "pytorch_model.bin", None,
+            WeightsSource(model, "hf", "imagenet", "classifier", "hf", hf_repo, _HF_FILE, None,
                           "hf_pvt_v2" if v2 else "hf_pvt", _LICENSE, metric, 1000, HF_EVAL,
-                          "transformers' copy of the official weights; top-1 as published (official transform)")
+                          "transformers' copy of the official weights; top-1 as published (official transform)",
+                          fallbacks=_HF_FALLBACKS)
         )  # fmt: skip
     return rows
 
@@ -226,11 +242,8 @@ def get_source(
         name, tag = name.split(":", 1)
     rows = [s for s in SOURCES if s.model == name]
     if not rows:
-        from pvt.models import list_models
-
-        if name in list_models():
-            raise ValueError(f"{name}: no published weights are known for this model")
-        raise ValueError(f"unknown model {name!r}; models with published weights: {', '.join(_models())}")
+        # pvt.create_model checks its registry first, so a registered name without rows ends here too.
+        raise ValueError(f"no published weights for {name!r}; models with published weights: {', '.join(_models())}")
     scoped = [s for s in rows if (task is None or s.task == task) and (arch is None or s.arch == arch)]
     if tag is not None and tag != task:
         found = [s for s in scoped if s.tag == tag] or [s for s in scoped if arch and s.short_tag == tag]

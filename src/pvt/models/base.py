@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from pvt.models import fused
-from pvt.models.layers import Attention, Block
+from pvt.layers import fused
+from pvt.layers.blocks import Attention, Block
 
 
 @dataclass(frozen=True)
@@ -259,7 +259,7 @@ class PyramidBackbone(nn.Module):
 
     def train(self, mode: bool = True) -> PyramidBackbone:
         super().train(mode)
-        fused.release(self)  # eval() starts from the weights as they are now (see pvt.models.fused)
+        fused.release(self)  # eval() starts from the weights as they are now (see pvt.layers.fused)
         for i in range(self.frozen_stages):
             for m in self.stage_modules(i):
                 m.eval()

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 from pvt.models.base import PyramidBackbone
-from pvt.models.registry import model_builder
+from pvt.models.registry import list_models, model_builder
 
 
 def create_model(
@@ -45,13 +46,13 @@ def create_model(
         raise ValueError(
             f"create_model({name!r}): pass either pretrained= (published weights) or checkpoint= (a file), not both"
         )
+    build = model_builder(name)  # an unknown name fails here, before any weights are looked up
     source = None
     if pretrained:
         from pvt.hub import get_source, resolve  # the hub is imported only when weights are asked for
 
         source = get_source(name, None if pretrained is True else str(pretrained), task="imagenet")
         checkpoint = resolve(source)
-    build = model_builder(name)
     model = build(
         num_classes=num_classes,
         features_only=features_only,
@@ -67,3 +68,29 @@ def create_model(
         model.load_report = load_checkpoint(model, checkpoint, strict=strict, allow_nonfinite=allow_nonfinite)
     model.pretrained_source = source
     return model
+
+
+def model_for_weights(
+    sd: Mapping[str, Any], source: str, *, arch: str | None = None, features_only: bool | None = None
+) -> PyramidBackbone:
+    """A PVT shaped like the weights ``sd`` (official layout; ``source`` names them in errors): the
+    registered architecture they match (``arch`` says it instead), their class count, v1's training
+    resolution; features-only when they have no head (``features_only`` decides instead). The
+    weights are not loaded: ``load_checkpoint`` does that."""
+    from pvt.checkpoint import CheckpointError, infer_arch
+
+    arch = arch or infer_arch(sd)
+    if arch is None:
+        raise CheckpointError(
+            f"{source}: could not tell which model these weights belong to; pass --arch "
+            f"(one of {', '.join(list_models())})"
+        )
+    head = sd.get("head.weight")
+    kwargs: dict[str, Any] = {}
+    if "pos_embed1" in sd:  # v1: keep the checkpoint's own training resolution
+        kwargs["img_size"] = 4 * round(sd["pos_embed1"].shape[1] ** 0.5)
+    if features_only is None:
+        features_only = head is None and "cls_token" not in sd
+    return create_model(
+        arch, num_classes=0 if head is None else int(head.shape[0]), features_only=features_only, **kwargs
+    )

@@ -11,33 +11,20 @@ from collections.abc import Sequence
 from functools import partial
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pvt.models.base import PyramidBackbone
-from pvt.models.layers import (
+from pvt.layers.blocks import (
     BLOCK_NORM_EPS,
     EMBED_NORM_EPS,
     Block,
     PatchEmbed,
     drop_path_rates,
-    exporting,
     init_linear_and_norm,
+    resize_pos_embed,
     tokens_to_image,
 )
+from pvt.models.base import PyramidBackbone
 from pvt.models.registry import ModelCard, register_model
-
-
-def resize_pos_embed(pos: Tensor, src_grid: tuple[int, int], dst_grid: tuple[int, int]) -> Tensor:
-    """Bilinear resize (align_corners=False) of ``[1, h*w, C]`` to ``[1, H*W, C]``."""
-    # Under an exporter the grid is symbolic: the shortcut would fix the exported file to one
-    # input size (a resize to the same grid is exact, so the result is the same).
-    if not exporting() and src_grid == dst_grid:
-        return pos
-    c = pos.shape[-1]
-    grid = pos.reshape(1, src_grid[0], src_grid[1], c).permute(0, 3, 1, 2)
-    grid = F.interpolate(grid, size=dst_grid, mode="bilinear", align_corners=False)
-    return grid.flatten(2).transpose(1, 2)
 
 
 class PyramidVisionTransformer(PyramidBackbone):

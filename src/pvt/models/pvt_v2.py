@@ -10,8 +10,7 @@ from functools import partial
 
 from torch import Tensor, nn
 
-from pvt.models.base import PyramidBackbone
-from pvt.models.layers import (
+from pvt.layers.blocks import (
     BLOCK_NORM_EPS,
     EMBED_NORM_EPS,
     Block,
@@ -21,6 +20,7 @@ from pvt.models.layers import (
     init_linear_and_norm,
     tokens_to_image,
 )
+from pvt.models.base import PyramidBackbone
 from pvt.models.registry import ModelCard, register_model
 
 

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from pvt.checkpoint.loader import register_arch
+
 
 @dataclass(frozen=True)
 class ModelCard:
@@ -36,6 +38,7 @@ def register_model(card: ModelCard, build: Callable[..., nn.Module]) -> None:
     if card.name in _REGISTRY:
         raise ValueError(f"model {card.name!r} is already registered")
     _REGISTRY[card.name] = _Entry(card, build)
+    register_arch(card.name, build)
 
 
 def list_models(pattern: str = "*") -> list[str]:

@@ -4,9 +4,9 @@
 >>> labels = predict_labels(model.eval(), image)  # image [3, H, W] in 0..1 -> [H, W] class indices
 """
 
-from pvt.tasks.segmentation.inference import infer, predict_labels
-from pvt.tasks.segmentation.metrics import confusion_matrix, segmentation_metrics
-from pvt.tasks.segmentation.models import SemanticFPN, SemanticFPNHead, semantic_fpn
+from pvt.segmentation.inference import infer, predict_labels
+from pvt.segmentation.metrics import confusion_matrix, segmentation_metrics
+from pvt.segmentation.models import SemanticFPN, SemanticFPNHead, semantic_fpn
 
 __all__ = [
     "SemanticFPN",

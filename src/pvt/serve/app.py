@@ -8,7 +8,6 @@ read into memory with a size cap and decoded from there: nothing a request sends
 
 from __future__ import annotations
 
-import base64
 import io
 import socket
 import time
@@ -16,9 +15,8 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from importlib import resources
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import numpy as np
 import torch
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
@@ -31,9 +29,6 @@ from torch import nn
 from pvt.engine.config import Recipe
 from pvt.engine.task import Predictor
 from pvt.serve.batching import Batcher
-
-if TYPE_CHECKING:
-    from pvt.tasks.segmentation.task import SegmentationPredictor
 
 
 @dataclass
@@ -62,31 +57,17 @@ PREDICT_BODY = {
 
 
 def model_info(task: str, recipe: Recipe, model: nn.Module, predictor: Predictor) -> dict[str, Any]:
-    """``GET /v1/model``: what is being served, for people and for the page."""
-    from pvt.tasks.detection.task import DetectionPredictor
-    from pvt.tasks.segmentation.task import SegmentationPredictor
-
-    m: Any = recipe.model  # the task's own model section (detection: detector, min_size, ...)
-    d = recipe.data
+    """``GET /v1/model``: what is being served, for people and for the page (the predictor adds
+    what its task has to say: ``Predictor.describe``)."""
+    m: Any = recipe.model
     info: dict[str, Any] = {"task": task, "architecture": m.name, "classes": predictor.classes}
-    if isinstance(predictor, DetectionPredictor):
-        info["architecture"] = f"{m.detector} / {m.name}"
-        info["category_ids"] = predictor.category_ids  # what the records' category_id values name
-        info["input_size"] = {"min_size": list(m.min_size), "max_size": m.max_size}
-    elif isinstance(predictor, SegmentationPredictor):
-        info["architecture"] = f"semantic_fpn / {m.name}"
-        info["input_size"] = {"scale": list(d.eval_scale), "mode": d.eval_mode}
-        info["palette"] = predictor.colours.tolist()  # the overlay's colour of each class
-    else:
-        info["input_size"] = [d.input_size, d.input_size]
+    info.update(predictor.describe(recipe))
     info["parameters"] = sum(p.numel() for p in model.parameters())
     info["weights"] = str(m.checkpoint) if m.checkpoint else f"pretrained: {m.pretrained}"
     return info
 
 
 def create_app(predictor: Predictor, info: dict[str, Any], opts: ServeOptions) -> FastAPI:
-    from pvt.tasks.segmentation.task import SegmentationPredictor
-
     batcher: Batcher[torch.Tensor, Any] = Batcher(
         predictor.forward, max_batch=opts.max_batch, wait_s=opts.batch_wait_ms / 1000
     )
@@ -130,8 +111,7 @@ def create_app(predictor: Predictor, info: dict[str, Any], opts: ServeOptions) -
         except ValueError as e:  # the model refuses this input (e.g. below its minimum size)
             raise HTTPException(422, f"cannot predict on this image: {e}") from e
         record = await run_in_threadpool(predictor.record, name, output)
-        if isinstance(predictor, SegmentationPredictor):
-            record.update(await run_in_threadpool(segmentation_pictures, predictor, x, output))
+        record.update(await run_in_threadpool(predictor.extras, x, output))  # e.g. a segmentation's pictures
         record["latency_ms"] = round(1000 * (time.perf_counter() - start), 2)
         return JSONResponse(record, headers={"X-Batch-Size": str(batch)})
 
@@ -195,23 +175,6 @@ def decode(data: bytes) -> Image.Image:
         ) from e
     except (OSError, ValueError, SyntaxError, EOFError) as e:
         raise HTTPException(400, f"truncated or corrupt image: {e}") from e
-
-
-def segmentation_pictures(predictor: SegmentationPredictor, x: torch.Tensor, label: np.ndarray) -> dict[str, str]:
-    """The two PNGs of ``pvt predict segmentation --out``, as ``data:`` URLs."""
-    from pvt.tasks.segmentation.task import label_png, overlay
-
-    rgb = (x * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()  # exactly the uploaded 8-bit pixels
-    return {
-        "label_png": png_data_url(label_png(label, predictor.colours)),
-        "overlay_png": png_data_url(Image.fromarray(overlay(rgb, label, predictor.colours))),
-    }
-
-
-def png_data_url(picture: Image.Image) -> str:
-    buf = io.BytesIO()
-    picture.save(buf, "PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
 def serve(task: str, recipe: Recipe, model: nn.Module, predictor: Predictor, opts: ServeOptions) -> None:

@@ -1,7 +1,7 @@
 """Make ``resize_linear.pt``: OpenCV's own ``cv2.resize(INTER_LINEAR)`` on small seeded uint8 images.
 
 mmdetection's test pipeline resizes the uint8 image with ``mmcv.imrescale`` -> ``cv2.resize(...,
-INTER_LINEAR)``; ``pvt.tasks.detection.mmdet_compat.cv2_resize_linear_u8`` reproduces it in torch, and
+INTER_LINEAR)``; ``pvt.detection.mmdet_compat.cv2_resize_linear_u8`` reproduces it in torch, and
 ``tests/test_detection_mmdet.py`` checks it against these outputs. Run by hand with OpenCV importable
 (for example the side-install of ../shared/tools/mmdet-reference/setup.sh)::
 

@@ -1,6 +1,9 @@
-"""Image classification (ImageFolder, the papers' ImageNet recipe, the embedded digits set)."""
+"""Deprecated alias of ``pvt.classification`` (moved there); it goes in the next release."""
 
-from pvt.tasks.classification.data import CheckedImageFolder, ClassificationData, DataError, export_digits
-from pvt.tasks.classification.task import ClassificationTask
+import sys
+import warnings
 
-__all__ = ["CheckedImageFolder", "ClassificationData", "ClassificationTask", "DataError", "export_digits"]
+import pvt.classification as _moved
+
+warnings.warn("pvt.tasks.classification moved to pvt.classification", DeprecationWarning, stacklevel=2)
+sys.modules[__name__] = _moved

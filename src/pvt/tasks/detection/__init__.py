@@ -1,1 +1,1 @@
-"""Detection task: RetinaNet / Mask R-CNN models, COCO data, COCO evaluation."""
+"""Deprecated: the detection task moved to ``pvt.detection``; these aliases go in the next release."""

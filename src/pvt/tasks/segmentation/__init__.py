@@ -1,1 +1,1 @@
-"""Segmentation task: Semantic FPN models, image / label-map data, mIoU evaluation."""
+"""Deprecated: the segmentation task moved to ``pvt.segmentation``; these aliases go in the next release."""

@@ -1,43 +1,9 @@
-"""Pictures of segmentations: image, ground truth and prediction side by side, for people who would rather look."""
+"""Deprecated alias of ``pvt.segmentation.visualize`` (moved there); it goes in the next release."""
 
-from __future__ import annotations
+import sys
+import warnings
 
-from pathlib import Path
-from typing import Any
+import pvt.segmentation.visualize as _moved
 
-import numpy as np
-import torch
-from PIL import Image
-from torch import nn
-
-from pvt.io import save_png
-from pvt.tasks.segmentation.data import SegmentationFolder
-from pvt.tasks.segmentation.inference import predict_labels
-from pvt.tasks.segmentation.task import overlay, palette
-
-
-@torch.inference_mode()
-def predictions_vs_truth(
-    model: nn.Module, dataset: SegmentationFolder, out: str | Path, *, count: int = 6, **infer_kwargs: Any
-) -> Path:
-    """A PNG with one row per validation image: the image, the ground truth and the prediction
-    overlaid in class colours (ignored pixels shown in grey)."""
-    model.eval()
-    colours = palette(dataset.num_classes)
-    rows = []
-    for i in range(min(count, len(dataset))):
-        image, label, _ = dataset[i]
-        rgb = (image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-        truth = label.numpy()
-        ignored = truth == dataset.ignore_index
-        gt = overlay(rgb, np.where(ignored, 0, truth), colours)
-        gt[ignored] = 128
-        pred = overlay(rgb, predict_labels(model, image, **infer_kwargs).numpy(), colours)
-        gap = np.full((rgb.shape[0], 4, 3), 255, np.uint8)
-        rows.append(np.concatenate([rgb, gap, gt, gap, pred], axis=1))
-    width = max(r.shape[1] for r in rows) if rows else 1
-    grid = np.concatenate([np.pad(r, ((0, 4), (0, width - r.shape[1]), (0, 0)), constant_values=255) for r in rows])
-    picture = Image.fromarray(grid)
-    dst = Path(out)
-    save_png(picture, dst)
-    return dst
+warnings.warn("pvt.tasks.segmentation.visualize moved to pvt.segmentation.visualize", DeprecationWarning, stacklevel=2)
+sys.modules[__name__] = _moved

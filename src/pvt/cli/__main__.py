@@ -1,0 +1,7 @@
+"""``python -m pvt.cli``: the ``pvt`` command."""
+
+import sys
+
+from pvt.cli import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""What the dense tasks (detection, segmentation) share: FPN wiring, OpenCV-exact resize, neck conversion."""
