@@ -30,8 +30,8 @@ browser:
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium chromium-driver; }
 
 lint: setup
-	$(PY) -m ruff check src tests
-	$(PY) -m ruff format --check src tests
+	$(PY) -m ruff check src tests examples docs/_ext
+	$(PY) -m ruff format --check src tests examples docs/_ext
 	$(PY) -m mypy
 	$(VENV)/bin/lint-imports
 

@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 import pvt
-from pvt.cli import _recipe, build_parser
+from pvt.cli import build_parser
 from pvt.cli import main as cli_main
 from pvt.cli.deploy import build_for_export
 from pvt.deploy import ExportError, export, min_dynamic_side, read_metadata
@@ -79,7 +79,7 @@ def _export_cli(source: Path | str, out: Path, *args: str) -> dict[str, Any]:
 def _build(source: Path | str, *args: str) -> torch.nn.Module:
     """The PyTorch model ``pvt export`` builds for the same arguments."""
     ns = build_parser().parse_args(["export", str(source), "--out", "unused.onnx", *args])
-    return build_for_export(ns, _recipe)[0]
+    return build_for_export(ns)[0]
 
 
 # -- classifiers and backbones ------------------------------------------------------------------

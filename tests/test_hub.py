@@ -7,7 +7,6 @@ import dataclasses
 import hashlib
 import io
 import json
-import re
 import shutil
 import threading
 from collections.abc import Iterator
@@ -235,48 +234,18 @@ def test_hf_download_through_huggingface_hub(hosts: FakeHosts, monkeypatch: pyte
 V1_HUB = "/Zetatech/pvt-tiny-224/resolve/main/"  # get_source("pvt_tiny", "hf")'s repository
 
 
-def _hf_pvt_layout(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """An official v1 state dict under transformers' ``PvtForImageClassification`` names (K, V split)."""
-
-    def stage(template: str) -> Any:  # official stages count from 1, transformers' from 0
-        return lambda m: template.format(int(m[1]) - 1)
-
-    rules: list[tuple[str, Any]] = [
-        (r"^pos_embed(\d)$", stage("pvt.encoder.patch_embeddings.{}.position_embeddings")),
-        (r"^cls_token$", "pvt.encoder.patch_embeddings.3.cls_token"),
-        (r"^patch_embed(\d)\.proj\.", stage("pvt.encoder.patch_embeddings.{}.projection.")),
-        (r"^patch_embed(\d)\.norm\.", stage("pvt.encoder.patch_embeddings.{}.layer_norm.")),
-        (r"^block(\d)\.", stage("pvt.encoder.block.{}.")),
-        (r"\.attn\.q\.", ".attention.self.query."),
-        (r"\.attn\.sr\.", ".attention.self.sequence_reduction."),
-        (r"\.attn\.norm\.", ".attention.self.layer_norm."),
-        (r"\.attn\.proj\.", ".attention.output.dense."),
-        (r"\.norm(\d)\.", r".layer_norm_\1."),
-        (r"\.mlp\.fc(\d)\.", r".mlp.dense\1."),
-        (r"^norm\.", "pvt.encoder.layer_norm."),
-        (r"^head\.", "classifier."),
-    ]
-    out = {}
-    for k, v in sd.items():
-        for pattern, repl in rules:
-            k = re.sub(pattern, repl, k)
-        if ".attn.kv." in k:
-            key, value = v.chunk(2)
-            out[k.replace(".attn.kv.", ".attention.self.key.")] = key.contiguous()
-            out[k.replace(".attn.kv.", ".attention.self.value.")] = value.contiguous()
-        else:
-            out[k] = v.contiguous()
-    return out
-
-
 def _pvt_tiny_hf() -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """A perturbed pvt_tiny's weights: (official names, transformers' names)."""
+    """A perturbed transformers ``PvtForImageClassification`` shaped as pvt_tiny: (its weights as
+    this project's loader reads them, its own state dict, as a hub repository holds it)."""
+    import transformers
+
+    from pvt.bench.peers import hf_v1_config
     from pvt.checkpoint import detect_layout
 
-    ref = perturb_(create_model("pvt_tiny")).state_dict()
-    hf = _hf_pvt_layout(ref)
+    peer = perturb_(transformers.PvtForImageClassification(hf_v1_config("pvt_tiny", num_labels=1000)))
+    hf = {k: v.contiguous() for k, v in peer.state_dict().items()}
     assert detect_layout(hf) == "hf_pvt"
-    return ref, hf
+    return create_model("pvt_tiny", checkpoint=hf).state_dict(), hf
 
 
 def _torch_bytes(sd: dict[str, torch.Tensor]) -> bytes:

@@ -23,7 +23,7 @@ import inspect
 import io
 import textwrap
 import tokenize
-from typing import Any
+from typing import Any, ClassVar
 
 from docutils import nodes
 from docutils.parsers.rst import Directive, directives
@@ -158,7 +158,7 @@ class RecipeFields(Directive):
     """``.. recipe-fields:: dotted.path.ToAConfigDataclass``"""
 
     required_arguments = 1
-    option_spec = {"section": directives.unchanged}
+    option_spec: ClassVar[dict[str, Any]] = {"section": directives.unchanged}
 
     def run(self) -> list[nodes.Node]:
         cls = _import(self.arguments[0])
@@ -175,11 +175,7 @@ class RecipeFields(Directive):
 def registered_tasks() -> list[tuple[str, Any]]:
     """(name, task object) for every task in the registry (``pvt.tasks``)."""
     tasks = importlib.import_module("pvt.tasks")
-    if hasattr(tasks, "list_tasks"):
-        names = list(tasks.list_tasks())
-    else:
-        names = list(tasks.TASKS)  # a tuple of names, or a dict name -> "module:Class"
-    return [(name, tasks.get_task(name)) for name in names]
+    return [(name, tasks.get_task(name)) for name in tasks.task_names()]
 
 
 class TaskRecipeFields(Directive):
@@ -254,7 +250,7 @@ class ModelZoo(Directive):
 class PublishedWeights(Directive):
     """Every row of the published-weights table (``pvt.hub.list_sources()``)."""
 
-    option_spec = {"task": directives.unchanged}
+    option_spec: ClassVar[dict[str, Any]] = {"task": directives.unchanged}
 
     def run(self) -> list[nodes.Node]:
         from pvt.hub import list_sources
