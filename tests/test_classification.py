@@ -76,10 +76,11 @@ def test_short_run_then_eval_predict_plot(
     out = tmp_path / "pred"
     assert cli_main(["predict", "classification", "--checkpoint", str(run / "model.safetensors"),
                      "--out", str(out), str(image)]) == 0  # fmt: skip
-    pred = json.loads(capsys.readouterr().out.splitlines()[-1])
+    (pred,) = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert pred["image"] == str(image) and len(pred["top5"]) == 5
     assert {p["label"] for p in pred["top5"]} <= {str(i) for i in range(10)}
-    assert json.loads((out / "predictions.json").read_text())[0]["top5"] == pred["top5"]
+    assert cli_main(["predict", "classification", "--checkpoint", str(run / "model.safetensors"), str(image)]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1]) == pred  # without --out: to stdout
 
 
 def test_bf16_ema_accumulation_and_freezing(digits_cache: Path, tmp_path: Path) -> None:

@@ -56,8 +56,8 @@ def test_short_training_run_eval_and_predict(
     out = tmp_path / "pred"
     sets = ["--set", "model.score_thresh=0.0"]
     assert cli_main(["predict", "detection", "--checkpoint", str(run / "model.safetensors"), "--out", str(out),
-                     *sets, str(image)]) == 0  # fmt: skip
-    record = json.loads(capsys.readouterr().out.splitlines()[-1])
+                     "--save-pictures", *sets, str(image)]) == 0  # fmt: skip
+    (record,) = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert record["image"] == str(image) and record["detections"] == len(record["results"]) > 0
     results = json.loads((out / "results.json").read_text())
     assert {"image_id", "category_id", "bbox", "score"} <= set(results[0])

@@ -52,8 +52,9 @@ def test_short_training_run_eval_and_predict(tmp_path: Path, cache: Path, capsys
 
     image = next(cache.rglob("val2017/000000.png"))
     out = tmp_path / "pred"
-    assert cli_main(["predict", "segmentation", "--checkpoint", weights, "--out", str(out), str(image)]) == 0
-    record = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert cli_main(["predict", "segmentation", "--checkpoint", weights, "--out", str(out), "--save-pictures",
+                     str(image)]) == 0  # fmt: skip
+    (record,) = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert record["image"] == str(image) and sum(record["classes"].values()) == pytest.approx(1.0, abs=1e-3)
     label = Image.open(out / "000000_label.png")
     assert label.mode == "P" and label.size == (64, 64)

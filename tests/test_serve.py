@@ -80,8 +80,15 @@ def predict_records(
     capsys.readouterr()
     sets = [a for s in SERVE_SETS.get(name, []) for a in ("--set", s)]
     extra = ["--out", str(out)] if out is not None else []
+    if out is not None and name == "segmentation":  # the overlay, which the server draws too
+        extra.append("--save-pictures")
     assert cli_main(["predict", RUNS[name][0], "--checkpoint", str(ckpt), *sets, *extra, *map(str, images)]) == 0
-    return [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    if out is not None:
+        records = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    else:
+        records = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    order = {str(p): i for i, p in enumerate(images)}  # batches complete in any order: the inputs'
+    return sorted(records, key=lambda r: order[r["image"]])
 
 
 @contextmanager
@@ -150,7 +157,7 @@ def assert_same(got: Any, want: Any, where: str = "record") -> None:
 def as_served(record: dict[str, Any], name: str) -> dict[str, Any]:
     """A ``pvt predict`` record as the server names its image (the upload's file name; a detection's
     ``image_id`` is 1, the one image of its request, where predict numbers its inputs)."""
-    record = {**record, "image": name}
+    record = {**record, "image": name, "id": name}
     if "results" in record:
         record["results"] = [{**d, "file_name": name, "image_id": 1} for d in record["results"]]
     return record

@@ -16,7 +16,7 @@ from pvt.version import __version__
 
 # Task packages load on first use (`pvt.detection.retinanet(...)` after a plain `import pvt`), so
 # `import pvt` stays as light as the models themselves.
-_LAZY_SUBMODULES = ("classification", "detection", "segmentation", "hub", "tasks")
+_LAZY_SUBMODULES = ("classification", "detection", "segmentation", "hub", "tasks", "inference")
 
 
 def __getattr__(name: str) -> object:
@@ -26,6 +26,8 @@ def __getattr__(name: str) -> object:
         return importlib.import_module(f"pvt.{name}")
     if name == "optimize_for_inference":  # bf16 / int8 inference (pvt.runtime.precision)
         return importlib.import_module("pvt.runtime.precision").optimize_for_inference
+    if name == "predict":  # pvt.predict(model_or_weights, inputs, ...): records of a whole collection
+        return importlib.import_module("pvt.inference").predict
     if name == "export":  # pvt.export(model, example, out, format=..., dynamic=...): pvt.deploy.export
         from pvt.deploy import export
 
@@ -49,5 +51,6 @@ __all__ = [
     "load_checkpoint",
     "model_card",
     "optimize_for_inference",
+    "predict",
     "save_safetensors",
 ]

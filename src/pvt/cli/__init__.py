@@ -1,6 +1,6 @@
 """The ``pvt`` command line, one module per command group: ``models`` (zoo, complexity, checkpoints,
-published weights), ``run`` (train / eval / predict / presets / plot of every task), ``serve``,
-``deploy`` (export, ONNX Runtime) and ``bench``; ``common`` holds what they share."""
+published weights), ``run`` (train / eval / presets / plot of every task), ``serve``,
+``predict`` (collections), ``deploy`` (export, ONNX Runtime) and ``bench``; ``common`` holds what they share."""
 
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ from pvt.cli.bench import add_bench
 from pvt.cli.common import _recipe
 from pvt.cli.deploy import add_export
 from pvt.cli.models import add_convert, add_download, add_flops, add_models, add_weights
-from pvt.cli.run import add_eval, add_plot, add_predict, add_presets, add_train
+from pvt.cli.predict import add_predict
+from pvt.cli.run import add_eval, add_plot, add_presets, add_train
 from pvt.cli.serve import add_serve
 from pvt.engine.trainer import LoaderWorkerDied, NonFiniteLoss
 from pvt.runtime import keep_freed_memory
@@ -50,7 +51,13 @@ _INFERENCE_COMMANDS = ("eval", "predict", "bench", "serve", "export")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(_untangle_pretrained(list(sys.argv[1:] if argv is None else argv)))
+    parser = build_parser()
+    args, rest = parser.parse_known_args(_untangle_pretrained(list(sys.argv[1:] if argv is None else argv)))
+    if rest:  # inputs after flags: argparse gives an optional-length positional only its first run
+        if isinstance(getattr(args, "inputs", None), list) and not any(r.startswith("-") for r in rest):
+            args.inputs += rest
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
     keep_freed_memory()  # our own process: activations stop being page-faulted in per forward
     if args.command in _INFERENCE_COMMANDS:
         # Denormal numbers in activations can make fp32 inference many times slower (measured:

@@ -1,4 +1,4 @@
-"""``pvt train``, ``eval``, ``predict``, ``presets``, ``plot``: every task's runs, through its ``Task``."""
+"""``pvt train``, ``eval``, ``presets``, ``plot``: every task's runs, through its ``Task``."""
 
 from __future__ import annotations
 
@@ -14,8 +14,6 @@ from pvt.cli.common import (
     _add_pretrained_arg,
     _add_recipe_args,
     _add_runtime_args,
-    _artifacts,
-    _inference_model,
     _no_precision_for_onnx,
     _precision_prep,
     _recipe,
@@ -65,22 +63,6 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_predict(args: argparse.Namespace) -> int:
-    if args.runtime == "onnxruntime":  # an exported file (pvt export) instead of weights
-        from pvt.cli.deploy import onnx_predict_setup
-
-        _no_precision_for_onnx(args)
-        task, recipe, model, artifacts = onnx_predict_setup(args)
-    else:
-        task, recipe = _recipe(args, args.task, None)
-        _weights_given(recipe)
-        model = _inference_model(args, task, recipe)
-        artifacts = _artifacts(args)
-    for r in task.predict(model, recipe, args.inputs, artifacts, args.out):
-        print(json.dumps(r))
-    return 0
-
-
 def _cmd_plot(args: argparse.Namespace) -> int:
     from pvt.engine.plot import plot_run
 
@@ -111,19 +93,6 @@ def add_eval(sub: Any) -> None:
     _add_runtime_args(p)
     _add_precision_args(p)
     p.set_defaults(func=_cmd_eval)
-
-
-def add_predict(sub: Any) -> None:
-    p = sub.add_parser("predict", help="predict on image files or folders")
-    _add_recipe_args(p)
-    p.add_argument("--checkpoint", help="weights; a run's config.yaml beside them is used")
-    _add_allow_nonfinite(p)
-    _add_pretrained_arg(p, "published weights (sets model.pretrained; their transform and class names)")
-    p.add_argument("--out", help="folder for the task's output files")
-    p.add_argument("inputs", nargs="+", help="image files or folders")
-    _add_runtime_args(p)
-    _add_precision_args(p)
-    p.set_defaults(func=_cmd_predict)
 
 
 def add_presets(sub: Any) -> None:

@@ -8,12 +8,12 @@ The task-specific parts come from the model's task (``Task.export_spec``).
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from torch import nn
 
 from pvt.deploy.spec import export_spec
+from pvt.engine.recipes import recipe_sets
 from pvt.engine.task import ExportSpec
 from pvt.version import __version__
 
@@ -52,12 +52,7 @@ def describe(
 
 def recipe_overrides(meta: dict[str, Any]) -> list[str]:
     """``--set`` overrides that give a recipe the exported model's classes and preprocessing."""
-    recipe = meta.get("recipe") or {}
-    out = []
-    for section in ("model", "data"):
-        for key, value in (recipe.get(section) or {}).items():
-            out.append(f"{section}.{key}={json.dumps(value)}")
-    return out
+    return recipe_sets(meta.get("recipe") or {})
 
 
 __all__ = ["describe", "recipe_overrides"]

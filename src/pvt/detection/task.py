@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -12,10 +13,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 from torch.utils.data import Dataset
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 from pvt.detection.coco import COCO_CATEGORY_IDS, COCO_CLASSES
 from pvt.detection.data import CocoDetection, DetectionData, coco_paths, collate
 from pvt.detection.evaluate import STAT_NAMES, coco_evaluate, to_coco_results
+from pvt.detection.mmdet_compat import MMDetTransform
 from pvt.detection.models import HUB_TASK, mask_rcnn, retinanet
 from pvt.engine.config import ModelConfig, Recipe
 from pvt.engine.distributed import DistInfo, gather_objects
@@ -233,36 +236,21 @@ class DetectionTask(Task):
             return {}
         return {"classes": val.class_names, "category_ids": val.cat_ids, "label_offset": self._offset}
 
-    def predict(
-        self, model: nn.Module, recipe: Recipe, inputs: list[str], artifacts: dict[str, Any], out_dir: str | None
-    ) -> list[dict[str, Any]]:
-        """COCO-format results per image; with ``out_dir``, ``results.json`` and annotated PNGs."""
-        from PIL import Image
-        from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
+    def write_derived(self, out: Path, records: Iterable[dict[str, Any]]) -> list[Path]:
+        """``results.json``: every detection of the run in COCO's results format, written as it is read."""
 
-        from pvt.utils.cache import expand_inputs
+        def write(tmp: str) -> None:
+            with open(tmp, "w") as f:
+                f.write("[")
+                first = True
+                for record in records:
+                    for d in record["results"]:
+                        f.write(("\n" if first else ",\n") + json.dumps(d))
+                        first = False
+                f.write("\n]\n")
 
-        predictor = self.predictor(model, recipe, artifacts)
-        out = Path(out_dir) if out_dir else None
-        records: list[dict[str, Any]] = []
-        for i, path in enumerate(expand_inputs(inputs)):
-            with Image.open(path) as im:
-                image = predictor.prepare(im.convert("RGB"))
-            pred = predictor.forward([image])[0]
-            records.append(predictor.record(path, pred, i))
-            if out is not None:
-                keep = pred["scores"] >= 0.3
-                canvas = (image * 255).to(torch.uint8)
-                if "masks" in pred and keep.any():
-                    canvas = draw_segmentation_masks(canvas, pred["masks"][keep, 0] > 0.5, alpha=0.4)
-                labels = [f"{predictor.names.get(int(lbl), lbl)} {s:.2f}" for lbl, s in
-                          zip(pred["labels"][keep].tolist(), pred["scores"][keep].tolist(), strict=True)]  # fmt: skip
-                canvas = draw_bounding_boxes(canvas, pred["boxes"][keep], labels=labels, colors="yellow", width=2)
-                save_png(Image.fromarray(canvas.permute(1, 2, 0).numpy()), out / f"{Path(path).stem}_pred.png")
-        if out is not None:
-            text = json.dumps([d for r in records for d in r["results"]], indent=1) + "\n"
-            atomic_write(out / "results.json", lambda tmp: Path(tmp).write_text(text))
-        return records
+        atomic_write(out / "results.json", write)
+        return [out / "results.json"]
 
     def predictor(self, model: nn.Module, recipe: Recipe, artifacts: dict[str, Any]) -> DetectionPredictor:
         return DetectionPredictor(model, recipe, artifacts)
@@ -293,6 +281,36 @@ class DetectionPredictor(Predictor):
     def forward(self, inputs: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
         with torch.inference_mode():
             return list(self.model(inputs))
+
+    def group_key(self, x: torch.Tensor) -> Hashable:
+        """The size the detector resizes this image to: images that resize alike batch without
+        padding, so their batch computes what each image alone would."""
+        t: Any = getattr(self.model, "transform", None)
+        h, w = int(x.shape[-2]), int(x.shape[-1])
+        if isinstance(t, MMDetTransform):
+            return t.target_size(h, w)
+        if isinstance(t, GeneralizedRCNNTransform):  # torchvision: interpolate(scale_factor=s), floored
+            scale = min(float(t.min_size[-1]) / min(h, w), float(t.max_size) / max(h, w))
+            return math.floor(h * scale), math.floor(w * scale)
+        return tuple(x.shape)  # an exported file: same-size images only
+
+    def write_files(self, out: Path, stem: str, x: torch.Tensor, output: Any, pictures: bool) -> dict[str, str]:
+        """With ``pictures``: the detections scored 0.3 or more drawn over the image, ``STEM_pred.png``."""
+        if not pictures:
+            return {}
+        from PIL import Image
+        from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
+
+        keep = output["scores"] >= 0.3
+        canvas = (x * 255).to(torch.uint8)
+        if "masks" in output and keep.any():
+            canvas = draw_segmentation_masks(canvas, output["masks"][keep, 0] > 0.5, alpha=0.4)
+        labels = [f"{self.names.get(int(lbl), lbl)} {s:.2f}" for lbl, s in
+                  zip(output["labels"][keep].tolist(), output["scores"][keep].tolist(), strict=True)]  # fmt: skip
+        canvas = draw_bounding_boxes(canvas, output["boxes"][keep], labels=labels, colors="yellow", width=2)
+        path = out / f"{stem}_pred.png"
+        save_png(Image.fromarray(canvas.permute(1, 2, 0).numpy()), path)
+        return {"picture": str(path)}
 
     def describe(self, recipe: Recipe) -> dict[str, Any]:
         m: Any = recipe.model

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +47,12 @@ def published_recipe(task: Task, backbone: str, tag: bool | str, overrides: Sequ
     model: dict[str, Any] = {"name": backbone, "num_classes": source.num_classes}
     model.update(task.published_model_fields(source))
     return paper_recipe(task, model)
+
+
+def recipe_sets(fields: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """``--set`` overrides (``section.key=JSON``) for recipe fields given as ``{section: {key: value}}``
+    (an exported file's ``recipe`` metadata, or ``Task.export_spec(...).recipe``)."""
+    return [f"{s}.{k}={json.dumps(v)}" for s, section in fields.items() for k, v in section.items()]
 
 
 def resolve_recipe(

@@ -7,9 +7,8 @@ checkpoints, logging).
 
 from __future__ import annotations
 
-import json
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -57,6 +56,17 @@ class Predictor(ABC):
         ``architecture``, ``input_size`` and anything the web page draws with."""
         size = getattr(recipe.data, "input_size", None)
         return {"architecture": recipe.model.name, "input_size": None if size is None else [size, size]}
+
+    def group_key(self, x: torch.Tensor) -> Hashable:
+        """Inputs with the same key may share a forward: a batch of them computes exactly what
+        one-by-one forwards would. By default, inputs of the same shape."""
+        return tuple(x.shape)
+
+    def write_files(self, out: Path, stem: str, x: torch.Tensor, output: Any, pictures: bool) -> dict[str, str]:
+        """Files of one image under ``out`` (``stem``: its id without the suffix, so ``sub/a`` for
+        ``sub/a.jpg``), named in its record; ``pictures``: also the pictures a person looks at
+        (``pvt predict --save-pictures``). None by default."""
+        return {}
 
     def extras(self, image: torch.Tensor, output: Any) -> dict[str, Any]:
         """Extra fields of ``pvt serve``'s answer for one image (``image``: ``prepare``'s input, for
@@ -150,38 +160,9 @@ class Task(ABC):
         """What predictions need later about the training data (class names, ...): ``task.json``."""
         return {}
 
-    def predict(
-        self,
-        model: nn.Module,
-        recipe: Recipe,
-        inputs: list[str],
-        artifacts: dict[str, Any],
-        out_dir: str | None,
-    ) -> list[dict[str, Any]]:
-        """Predictions for image files (or every image in a folder), one record per image, through the
-        task's predictor; also written to ``out_dir/predictions.json`` when set. Tasks that write
-        more (pictures, COCO results) override this."""
-        from PIL import Image, UnidentifiedImageError
-
-        from pvt.utils.cache import expand_inputs
-        from pvt.utils.files import atomic_write
-
-        predictor = self.predictor(model, recipe, artifacts)
-        records = []
-        for path in expand_inputs(inputs):
-            try:
-                with Image.open(path) as im:
-                    image = im.convert("RGB")
-            except (OSError, UnidentifiedImageError, ValueError) as e:
-                raise ValueError(f"{path}: cannot read this image ({e}); replace or remove it") from e
-            records.append(predictor.record(path, predictor.forward([predictor.prepare(image)])[0]))
-        if out_dir is not None:
-            text = json.dumps(records, indent=2) + "\n"
-            atomic_write(Path(out_dir) / "predictions.json", lambda tmp: Path(tmp).write_text(text))
-        return records
-
     def predictor(self, model: nn.Module, recipe: Recipe, artifacts: dict[str, Any]) -> Predictor:
-        """What ``predict`` runs per batch of images; ``artifacts`` is the run's ``task.json``."""
+        """What ``pvt predict`` / ``pvt.predict`` and ``pvt serve`` run per batch of images;
+        ``artifacts`` is the run's ``task.json``."""
         raise NotImplementedError(f"{self.name} has no predictor yet")
 
     def param_group_kwargs(self) -> dict[str, Any]:
@@ -220,6 +201,11 @@ class Task(ABC):
     def export_spec(self, model: nn.Module, recipe: Recipe | None, artifacts: dict[str, Any]) -> ExportSpec:
         """How ``model`` (built from ``recipe``, or None for a model without one) is exported."""
         raise NotImplementedError(f"{self.name} has no export")
+
+    def write_derived(self, out: Path, records: Iterable[dict[str, Any]]) -> list[Path]:
+        """Files made from all of a prediction run's records once it is complete (a detector's COCO
+        ``results.json``); returns their paths. None by default."""
+        return []
 
     def artifacts_from_export(self, meta: dict[str, Any]) -> dict[str, Any]:
         """The ``task.json`` an exported file's metadata stands for (its class names by default)."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,6 +23,7 @@ from pvt.segmentation.data import (
     TrainTransform,
     class_names,
     collate,
+    eval_size,
     split_folders,
 )
 from pvt.segmentation.inference import infer, infer_batch
@@ -229,35 +230,6 @@ class SegmentationTask(Task):
     def artifacts(self) -> dict[str, Any]:
         return {"classes": getattr(self, "_classes", [])}
 
-    def predict(
-        self, model: nn.Module, recipe: Recipe, inputs: list[str], artifacts: dict[str, Any], out_dir: str | None
-    ) -> list[dict[str, Any]]:
-        """Per image: class-index label PNG (palette) and a colour overlay under ``out_dir``; the
-        record lists the share of pixels per predicted class."""
-        from PIL import Image
-
-        from pvt.utils.cache import expand_inputs
-
-        predictor = self.predictor(model, recipe, artifacts)
-        out = Path(out_dir) if out_dir else None
-        records: list[dict[str, Any]] = []
-        for path in expand_inputs(inputs):
-            try:
-                with Image.open(path) as im:
-                    rgb = im.convert("RGB")
-            except OSError as e:
-                raise ValueError(f"{path}: cannot read this image ({e})") from e
-            label = predictor.forward([predictor.prepare(rgb)])[0]
-            record = predictor.record(path, label)
-            if out is not None:
-                stem = Path(path).stem
-                record["label_png"] = str(out / f"{stem}_label.png")
-                record["overlay_png"] = str(out / f"{stem}_overlay.png")
-                save_png(label_png(label, predictor.colours), record["label_png"])
-                save_png(Image.fromarray(overlay(np.asarray(rgb), label, predictor.colours)), record["overlay_png"])
-            records.append(record)
-        return records
-
     def predictor(self, model: nn.Module, recipe: Recipe, artifacts: dict[str, Any]) -> SegmentationPredictor:
         return SegmentationPredictor(model, recipe, artifacts, self.infer_kwargs(recipe.data))
 
@@ -286,6 +258,23 @@ class SegmentationPredictor(Predictor):
         ids, counts = np.unique(output, return_counts=True)
         shares = zip(ids.tolist(), counts.tolist(), strict=True)
         return {"image": name, "classes": {self.classes[i]: round(c / output.size, 4) for i, c in shares}}
+
+    def group_key(self, x: torch.Tensor) -> Hashable:
+        """The test-time size (``eval_size``): images resized alike share a forward."""
+        k = self.infer_kwargs
+        return eval_size(int(x.shape[-2]), int(x.shape[-1]), k["scale"], 1.0, k["align"])
+
+    def write_files(self, out: Path, stem: str, x: torch.Tensor, output: np.ndarray, pictures: bool) -> dict[str, str]:
+        """``STEM_label.png`` (class indices, with a palette); with ``pictures`` the colour overlay."""
+        from PIL import Image as PILImage
+
+        files = {"label_png": str(out / f"{stem}_label.png")}
+        save_png(label_png(output, self.colours), files["label_png"])
+        if pictures:
+            files["overlay_png"] = str(out / f"{stem}_overlay.png")
+            rgb = (x * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+            save_png(PILImage.fromarray(overlay(rgb, output, self.colours)), files["overlay_png"])
+        return files
 
     def describe(self, recipe: Recipe) -> dict[str, Any]:
         d = recipe.data

@@ -110,7 +110,7 @@ def create_app(predictor: Predictor, info: dict[str, Any], opts: ServeOptions) -
             output, batch = await batcher.submit(x)
         except ValueError as e:  # the model refuses this input (e.g. below its minimum size)
             raise HTTPException(422, f"cannot predict on this image: {e}") from e
-        record = await run_in_threadpool(predictor.record, name, output)
+        record = {"id": name, **await run_in_threadpool(predictor.record, name, output)}
         record.update(await run_in_threadpool(predictor.extras, x, output))  # e.g. a segmentation's pictures
         record["latency_ms"] = round(1000 * (time.perf_counter() - start), 2)
         return JSONResponse(record, headers={"X-Batch-Size": str(batch)})
