@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pvt.models import create_model, fused
+from pvt.layers import fused
+from pvt.models import create_model
 from pvt.runtime.precision import (
     Bf16Part,
     CompiledPart,
@@ -181,3 +182,21 @@ def test_digits_model_keeps_its_accuracy_in_bf16_and_int8(
         assert f"precision: {ran}" in out.err
     assert top1["fp32"] > 80, top1  # a trained model: the comparison means something
     assert abs(top1["bf16"] - top1["fp32"]) <= 1.0 and abs(top1["int8"] - top1["fp32"]) <= 1.0, top1
+
+
+def test_bf16_made_inside_inference_mode_runs_inside_and_outside_it(
+    mkldnn_bf16: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A model built or copied under ``torch.inference_mode()`` holds inference tensors, which
+    oneDNN's bf16 kernels (and the fused path's packed-weight cache) refused at the first forward."""
+    monkeypatch.setattr("pvt.runtime.precision.cpu_info", lambda: CpuInfo("test", frozenset({"avx512_bf16"})))
+    model = create_model("pvt_v2_b0", num_classes=10).eval()
+    x = torch.rand(2, 3, 64, 64)
+    with torch.inference_mode():
+        half = optimize_for_inference(copy.deepcopy(model), "bf16")
+        inside = half(x)
+    assert half.pvt_precision == "bf16" and not any(p.is_inference() for p in half.parameters())
+    with torch.no_grad():
+        outside = half(x)
+    assert inside.shape == outside.shape == (2, 10)
+    assert (inside - model(x).detach()).abs().max() < 0.1

@@ -295,3 +295,15 @@ def test_torchrun_shards_merge_into_one_run_and_resume_after_a_rank_dies(tmp_pat
     assert not list(broken.glob("*.part-*"))
     got = _records(broken / "predictions.jsonl")
     assert got.keys() == want.keys()
+
+
+def test_predict_inside_inference_mode(tmp_path: Path) -> None:
+    model = pvt.create_model("pvt_v2_b0", num_classes=5).eval()
+    images = [str(_png(tmp_path / f"{i}.png", seed=i)) for i in range(3)]
+    outside = list(pvt.predict(model, images, batch_size=2))
+    with torch.inference_mode():
+        ready = pvt.optimize_for_inference(model, "fp32")
+        inside = list(pvt.predict(ready, images, batch_size=2, workers=1))
+    assert [r["id"] for r in inside] == [r["id"] for r in outside]
+    for a, b in zip(inside, outside, strict=True):
+        _same(a, b)

@@ -152,8 +152,10 @@ def optimize_for_inference(
     chosen = resolve_precision(precision, device)
     model.eval()
     # Weights made under inference mode would be inference tensors, which the fused path's
-    # packed-weight cache (keyed on version counters) and the exporter cannot use.
+    # packed-weight cache (keyed on version counters), oneDNN's bf16 kernels and the exporter
+    # cannot use: a model built or copied under inference mode gets plain copies first.
     with torch.inference_mode(False):
+        _plain_tensors(model)
         if chosen == "bf16":
             model = _to_bf16(model, compile)
         elif chosen == "int8":
@@ -164,6 +166,17 @@ def optimize_for_inference(
             model = _compile_parts(model)
     model.pvt_precision = chosen  # type: ignore[assignment]
     return model
+
+
+def _plain_tensors(model: nn.Module) -> None:
+    """Replace every inference-mode parameter and buffer of ``model`` by a plain copy (in place)."""
+    for module in model.modules():
+        for name, param in list(module.named_parameters(recurse=False)):
+            if param.is_inference():
+                setattr(module, name, nn.Parameter(param.clone(), requires_grad=param.requires_grad))
+        for name, buf in list(module.named_buffers(recurse=False)):
+            if buf.is_inference():
+                module.register_buffer(name, buf.clone(), persistent=name not in module._non_persistent_buffers_set)
 
 
 def calibration_inputs(
