@@ -133,3 +133,24 @@ def test_backbone_checkpoint_and_unknown_backbone() -> None:
     assert report.backbone_loaded == report.backbone_total and not report.dropped  # stage 1 feeds stage 2
     with pytest.raises(ValueError, match="unknown backbone 'vgg16'"):
         D.retinanet("vgg16")
+
+
+@pytest.mark.parametrize("detector", ["retinanet", "mask_rcnn"])
+def test_labels_index_the_classes_from_zero(detector: str) -> None:
+    """Every detector's ``labels`` index ``class_names`` directly (torchvision's Mask R-CNN counts
+    its background as class 0; its output is shifted so that both detectors agree)."""
+    import pvt.detection as D
+
+    torch.manual_seed(0)
+    build = D.retinanet if detector == "retinanet" else D.mask_rcnn
+    model = build("pvt_v2_b0", num_classes=3, min_size=64, max_size=64).eval()
+    with torch.no_grad():  # make class 2 (the third) win everywhere
+        if detector == "retinanet":
+            logits = model.head.classification_head.cls_logits
+            logits.bias.copy_(torch.tensor([-9.0, -9.0, 9.0] * (logits.bias.numel() // 3)))
+        else:
+            model.roi_heads.box_predictor.cls_score.bias.copy_(torch.tensor([-9.0, -9.0, -9.0, 9.0]))
+            model.rpn._post_nms_top_n["testing"] = 50
+    with torch.inference_mode():
+        out = model([torch.rand(3, 64, 64)])[0]
+    assert len(out["labels"]) > 0 and set(out["labels"].tolist()) == {2}

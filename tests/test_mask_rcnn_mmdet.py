@@ -204,7 +204,7 @@ def test_mmdet_mask_rcnn_trains() -> None:
         out = model.eval()([torch.rand(3, 150, 100)])[0]
     n = len(out["scores"])
     assert out["boxes"].shape == (n, 4) and out["masks"].shape == (n, 1, 150, 100) and n <= 100
-    assert bool((out["boxes"][:, 2:] <= torch.tensor([100.0, 150.0])).all()) and bool((out["labels"] >= 1).all())
+    assert bool((out["boxes"][:, 2:] <= torch.tensor([100.0, 150.0])).all()) and bool((out["labels"] >= 0).all())
 
 
 # ------------------------------------------------------------------------------------------------
@@ -269,7 +269,7 @@ def test_mask_rcnn_matches_mmdetection(converted: torch.nn.Module, index: int) -
     picked = mask_logits[torch.arange(10), r["labels"][:10] + 1]
     torch.testing.assert_close(picked, r["mask_logits"], atol=1e-4, rtol=0)
     # detections: >= 98% matched one to one; the unmatched only at the 100 cut-off or the score threshold
-    ours = {"boxes": out["boxes"], "scores": out["scores"], "labels": out["labels"] - 1}
+    ours = {"boxes": out["boxes"], "scores": out["scores"], "labels": out["labels"]}
     matched, missed, _ = mref.match_detections(ours, r)
     assert len(matched) >= 0.98 * len(r["scores"]), f"{r['name']}: unmatched mmdet detections {missed}"
     cut = float(r["scores"].min())

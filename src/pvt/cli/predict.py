@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import os
 import sys
 import time
 from typing import Any
@@ -49,6 +50,7 @@ def _manifest(args: argparse.Namespace, task: Any, recipe: Any, model: Any, imag
         "weights_sha256": _digest(weights) if weights else f"pretrained: {args.pretrained}",
         "precision": args.precision or f"recipe (train.amp={recipe.train.amp})",
         "runtime": args.runtime,
+        "engine": getattr(args, "engine", "pytorch"),
         "recipe": recipe.to_dict(),
         "inputs": {k: getattr(args, k) for k in ("inputs", "inputs_from", "coco_json", "images")},
         "images": images,
@@ -60,6 +62,8 @@ def _manifest(args: argparse.Namespace, task: Any, recipe: Any, model: Any, imag
 def _cmd_predict(args: argparse.Namespace) -> int:
     if args.resume and not args.out:
         raise ValueError("--resume continues a run folder: pass its --out")
+    if args.engine == "ray":
+        return _predict_ray(args)
     items = collect(args.inputs, inputs_from=args.inputs_from, coco_json=args.coco_json, images=args.images)
     if args.runtime == "onnxruntime":  # an exported file (pvt export) instead of weights
         from pvt.cli.deploy import onnx_predict_setup
@@ -71,7 +75,17 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         _weights_given(recipe)
         model = _inference_model(args, task, recipe)
         artifacts = _artifacts(args)
-    options = Options(
+    dist = torchrun()
+    manifest = _manifest(args, task, recipe, model, len(items))
+    summary = run(task, task.predictor(model, recipe, artifacts), items, _options(args), manifest, dist)
+    if dist.rank == 0:
+        where = f"; {', '.join(summary.files)}" if summary.files else ""
+        print(f"pvt predict: {summary}{where}", file=sys.stderr, flush=True)
+    return 1 if summary.errors else 0
+
+
+def _options(args: argparse.Namespace) -> Options:
+    return Options(
         batch_size=args.batch_size,
         workers=args.workers,
         out=args.out,
@@ -80,12 +94,40 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         format=args.format,
         save_pictures=args.save_pictures,
     )
-    dist = torchrun()
+
+
+def _predict_ray(args: argparse.Namespace) -> int:
+    """``--engine ray``: the inputs read by Ray Data and predicted on an actor pool, each actor
+    building the model once; the records and the run folder are the pytorch engine's."""
+    if args.runtime == "onnxruntime":
+        raise ValueError("--engine ray runs the PyTorch model: drop --runtime onnxruntime, or use --engine pytorch")
+    if args.save_pictures:
+        raise ValueError("--save-pictures is not supported with --engine ray: use --engine pytorch")
+    if args.precision == "int8":
+        raise ValueError("--precision int8 calibrates on the training split: use --engine pytorch for int8")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError("--engine ray runs its own actors: start it once, not under torchrun")
+    if args.actors < 1:
+        raise ValueError(f"--actors {args.actors}: expected >= 1")
+    from pvt.inference.ray import run_ray  # Ray is an optional extra, imported only here
+
+    items = collect(args.inputs, inputs_from=args.inputs_from, coco_json=args.coco_json, images=args.images)
+    task, recipe = _recipe(args, args.task, None)
+    _weights_given(recipe)
+    model = task.build_model(recipe)  # the weights checked here, once, before any actor starts
     manifest = _manifest(args, task, recipe, model, len(items))
-    summary = run(task, task.predictor(model, recipe, artifacts), items, options, manifest, dist)
-    if dist.rank == 0:
-        where = f"; {', '.join(summary.files)}" if summary.files else ""
-        print(f"pvt predict: {summary}{where}", file=sys.stderr, flush=True)
+    del model
+    predictor = {
+        "checkpoint": args.checkpoint,
+        "task": task.name,
+        "recipe": recipe.to_dict(),
+        "artifacts": _artifacts(args),
+        "precision": args.precision,
+        "compile": args.compile,
+    }
+    summary = run_ray(task, items, _options(args), manifest, predictor, address=args.ray_address, actors=args.actors)
+    where = f"; {', '.join(summary.files)}" if summary.files else ""
+    print(f"pvt predict: {summary}{where}", file=sys.stderr, flush=True)
     return 1 if summary.errors else 0
 
 
@@ -113,6 +155,12 @@ def add_predict(sub: Any) -> None:
                    help="skip: record unreadable images in errors.jsonl and go on; stop: end at the first")  # fmt: skip
     p.add_argument("--format", choices=FORMATS, default="jsonl", help="parquet: also predictions.parquet")
     p.add_argument("--save-pictures", action="store_true", help="also draw each prediction over its image")
+    p.add_argument("--engine", choices=("pytorch", "ray"), default="pytorch",
+                   help="ray: read the inputs with Ray Data and predict on a pool of --actors actors")  # fmt: skip
+    p.add_argument("--ray-address", metavar="ADDR",
+                   help="--engine ray: the Ray cluster to join (inputs and --out at the same paths on every node); "
+                   "default: a local instance with this machine's CPUs")  # fmt: skip
+    p.add_argument("--actors", type=int, default=1, help="--engine ray: model replicas, one CPU each")
     _add_runtime_args(p)
     _add_precision_args(p)
     p.set_defaults(func=_cmd_predict)

@@ -49,7 +49,7 @@ def export_spec(model: Any, recipe: Recipe | None, artifacts: dict[str, Any]) ->
     outputs = {
         "boxes": "[N, 4] float32 x1, y1, x2, y2 in input-image pixels",
         "scores": "[N] float32, descending",
-        "labels": f"[N] int64 class index{' (0 is background, so class i is label i + 1)' if two_stage else ''}",
+        "labels": "[N] int64 class index (into classes / class_names, from 0)",
     }
     if masks:
         outputs["masks"] = "[N, 1, H, W] float32 mask probabilities at the input's size (threshold 0.5)"
@@ -62,7 +62,7 @@ def export_spec(model: Any, recipe: Recipe | None, artifacts: dict[str, Any]) ->
             "range": "RGB in 0..1, any size; the model resizes, normalises and pads it itself",
         },
         "outputs": outputs,
-        "label_offset": 1 if two_stage else 0,
+        "label_offset": 0,  # files from before 0.1.0's label convention said 1 for Mask R-CNN
         "preprocess": {
             "inside_model": True,
             "resize": f"keep the aspect ratio, short side {list(t.min_size)[-1]}, long side at most {t.max_size}",

@@ -57,7 +57,13 @@ class MaskValidRoIHeads(RoIHeads):
         targets: list[dict[str, Tensor]] | None = None,
     ) -> tuple[list[dict[str, Tensor]], dict[str, Tensor]]:
         if not self.training or targets is None or not self.has_mask() or _all_masks_valid(targets):
-            return super().forward(features, proposals, image_shapes, targets)  # bit for bit torchvision's
+            result, losses = super().forward(features, proposals, image_shapes, targets)  # torchvision's
+            if not self.training:
+                # Labels index the model's classes (``class_names``) directly, as RetinaNet's do:
+                # torchvision's slot 0 is the background (the masks were picked by the 1-based label).
+                for r in result:
+                    r["labels"] = r["labels"] - 1
+            return result, losses
         return [], self._losses(features, proposals, image_shapes, targets)
 
     def _losses(

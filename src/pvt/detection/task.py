@@ -158,7 +158,8 @@ class DetectionTask(Task):
         return export_spec(model, recipe, artifacts)
 
     def artifacts_from_export(self, meta: dict[str, Any]) -> dict[str, Any]:
-        return dict(meta.get("artifacts") or {})  # names and category ids as the run stored them
+        # names and category ids as the run stored them; the file's own label convention
+        return {**(meta.get("artifacts") or {}), "output_label_offset": int(meta.get("label_offset", 0))}
 
     def build_model(self, recipe: Recipe) -> nn.Module:
         m = recipe.model
@@ -216,11 +217,14 @@ class DetectionTask(Task):
         autocast: Callable[[], Any],
     ) -> dict[str, float]:
         results: list[dict[str, Any]] = []
+        # The training labels of Mask R-CNN start at 1 (torchvision's background is 0); the
+        # model's output labels index the classes from 0 for every detector.
+        label_to_cat = {label - self._offset: cat for label, cat in self._val.label_to_cat.items()}
         for images, targets in batches:
             with autocast():
                 outputs = model([im.to(device) for im in images])
             ids = [t["image_id"] for t in targets]
-            results += to_coco_results(outputs, ids, self._val.label_to_cat, masks=self._masks)
+            results += to_coco_results(outputs, ids, label_to_cat, masks=self._masks)
         gathered = gather_objects(results, dist)
         if not dist.is_main:
             return {}
@@ -234,7 +238,7 @@ class DetectionTask(Task):
         val = getattr(self, "_val", None)
         if val is None:
             return {}
-        return {"classes": val.class_names, "category_ids": val.cat_ids, "label_offset": self._offset}
+        return {"classes": val.class_names, "category_ids": val.cat_ids}
 
     def write_derived(self, out: Path, records: Iterable[dict[str, Any]]) -> list[Path]:
         """``results.json``: every detection of the run in COCO's results format, written as it is read."""
@@ -263,11 +267,12 @@ class DetectionPredictor(Predictor):
         self.model = model.eval()
         classes = artifacts.get("classes") or getattr(model, "class_names", None) or []
         cat_ids = artifacts.get("category_ids") or list(range(1, recipe.model.num_classes + 1))
-        if not artifacts and recipe.model.num_classes == 80 and recipe.data.dataset == "coco":
+        from_run = "classes" in artifacts or "category_ids" in artifacts
+        if not from_run and recipe.model.num_classes == 80 and recipe.data.dataset == "coco":
             # A published COCO detector (no training run beside it): COCO's own names and ids.
             classes, cat_ids = classes or list(COCO_CLASSES), list(COCO_CATEGORY_IDS)
-        detector = getattr(recipe.model, "detector", "")
-        offset = int(artifacts.get("label_offset", 1 if detector == "mask_rcnn" else 0))
+        # Output labels index the classes from 0; a file exported before that says its offset.
+        offset = int(artifacts.get("output_label_offset", 0))
         self.label_to_cat = {i + offset: c for i, c in enumerate(cat_ids)}
         self.names = {i + offset: (classes[i] if i < len(classes) else str(c)) for i, c in enumerate(cat_ids)}
         self.classes = list(self.names.values())

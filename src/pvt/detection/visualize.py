@@ -29,8 +29,7 @@ def predictions_vs_truth(
     """A PNG with one row per validation image: ground truth (green) left, predictions (yellow) right."""
     model.eval()
     rows = []
-    offset = min(dataset.label_to_cat) if dataset.label_to_cat else 0
-    name = {lbl: dataset.class_names[lbl - offset] for lbl in dataset.label_to_cat}
+    name = dict(enumerate(dataset.class_names))  # the model's labels index the classes from 0
     for i in range(min(count, len(dataset))):
         image, target = dataset[i]
         pred = model([image])[0]
