@@ -84,3 +84,36 @@ def test_memory_suite_quick(digits_cache: Path, tmp_path: Path) -> None:
     assert row.growth_pct == pytest.approx(100 * (row.rss_end_mib - row.rss_epoch1_mib) / row.rss_epoch1_mib)
     text = (tmp_path / "RESULTS.md").read_text()
     assert "## memory" in text and f"| {row.setting} | {row.ms:.0f} | {row.rss_epoch1_mib:.0f} |" in text
+
+
+def test_predict_suite_quick(tmp_path: Path) -> None:
+    """The predict suite's machinery on tiny inputs: `pvt predict --out` subprocesses over a
+    classifier's JPEGs and the shapes RetinaNet's scenes beside their ceilings, the memory run's
+    peaks, torchrun beside one process (Ray is left out of --quick), and the report's summaries."""
+    from pvt.cli import main
+
+    threads = torch.get_num_threads()
+    try:
+        assert main(["bench", "--quick", "--suites", "predict", "--threads", "1", "--out", str(tmp_path)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    rows = [Row(**r) for r in json.loads((tmp_path / "results.json").read_text())["rows"]]
+    assert {r.suite for r in rows} == {"predict"}
+    assert {r.kind for r in rows} == {"ceiling", "predict", "memory", "sharding"}
+    measured = [r for r in rows if not r.get("skipped")]
+    assert all(r.ms > 0 and r.images_per_s > 0 and r.ms == pytest.approx(1e3 / r.images_per_s) for r in measured)
+    runs = {(r.setting.split()[0], r.workers, r.batch): r for r in rows if r.kind == "predict"}
+    assert set(runs) == {("pvt_v2_b0", 0, 1), ("pvt_v2_b0", 2, 8), ("shapes", 2, 8)}
+    assert all(r.images in (40, 8) and r.wall_s > r.first_s > 0 and r.steady_images_per_s > 0 for r in runs.values())
+    assert {r.batch for r in rows if r.kind == "ceiling"} == {1, 8}
+    (memory,) = [r for r in rows if r.kind == "memory"]
+    assert memory.images == 400 and 100 <= memory.first <= memory.last < 400
+    assert 50 < memory.rss_first_mib <= memory.rss_end_mib <= memory.rss_exit_mib < 16384
+    assert memory.all_end_mib > memory.rss_end_mib
+    sharding = {r.contender: r for r in rows if r.kind == "sharding"}
+    assert sharding["torchrun, 2 processes x 1 thread"].images == 40
+    assert sharding["--engine ray --actors 2"].skipped and "--quick" in sharding["--engine ray --actors 2"].note
+    text = (tmp_path / "RESULTS.md").read_text()
+    assert "## predict" in text and text.count("best `--workers") == 2 and "% of the ceiling (goal 85%: " in text
+    assert "x one at a time (ceiling images/s before / amid / after: batch 1: " in text
+    assert "| memory: pvt_v2_b0 classifier 64px, 400 JPEGs | --workers 2 --batch-size 8 |" in text

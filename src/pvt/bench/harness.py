@@ -34,7 +34,7 @@ from pvt.runtime import malloc as runtime
 from pvt.runtime.precision import CPU_FLAGS, cpu_info
 
 # The suite modules of this package, in the report's order; each registers its suites on import.
-SUITE_MODULES = ("classify", "train", "dense", "scaling", "precision", "memory", "serve", "deploy")
+SUITE_MODULES = ("classify", "train", "dense", "scaling", "precision", "memory", "serve", "deploy", "predict")
 PRECISIONS = ("fp32", "bf16", "int8")
 
 _OWN = ("suite", "setting", "contender", "ms", "repeats", "extra")
