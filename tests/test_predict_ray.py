@@ -14,7 +14,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 import pvt
@@ -25,11 +24,11 @@ from pvt.cli import main as cli_main
 from pvt.engine import load_recipe
 from pvt.inference.store import read_records
 from pvt.tasks import get_task
+from test_predict_collections import _classifier_run, _png, _same
 
 ray = pytest.importorskip("ray")
 
 REPO = Path(__file__).resolve().parent.parent
-SMALL_CLASSIFIER = ["model.name=pvt_v2_b0", "model.num_classes=5", "data.input_size=64", "data.crop_pct=1.0"]
 
 
 @pytest.fixture(scope="module")
@@ -40,42 +39,6 @@ def local_ray() -> Iterator[None]:
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
-
-
-def _png(path: Path, size: tuple[int, int] = (40, 30), seed: int = 0) -> Path:
-    rng = np.random.default_rng(seed)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(path)
-    return path
-
-
-def _classifier_run(root: Path) -> Path:
-    """A run folder as ``pvt train`` leaves it, for a small untrained classifier."""
-    task = get_task("classification")
-    recipe = load_recipe("classification", task.data_config, {}, SMALL_CLASSIFIER, model_cls=task.model_config)
-    root.mkdir(parents=True, exist_ok=True)
-    recipe.dump(root / "config.yaml")
-    (root / "task.json").write_text(json.dumps({"classes": ["a", "b", "c", "d", "e"]}))
-    torch.manual_seed(0)
-    save_safetensors(task.build_model(recipe).state_dict(), root / "model.safetensors", arch="pvt_v2_b0")
-    return root / "model.safetensors"
-
-
-def _same(a: Any, b: Any, path: str = "") -> None:
-    """Records equal: numbers within 1e-3 (boxes in px) / 1e-4 (scores, shares), the rest exactly."""
-    assert type(a) is type(b) or {type(a), type(b)} <= {int, float}, path
-    if isinstance(a, dict):
-        assert a.keys() == b.keys(), path
-        for k in a:
-            _same(a[k], b[k], f"{path}.{k}")
-    elif isinstance(a, list):
-        assert len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            _same(x, y, f"{path}[{i}]")
-    elif isinstance(a, float):
-        assert a == pytest.approx(b, abs=1e-3 if "bbox" in path else 1e-4), path
-    else:
-        assert a == b, path
 
 
 def _by_id(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:

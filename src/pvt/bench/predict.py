@@ -392,7 +392,7 @@ def _sharding(s: Settings, plan: Plan, root: Path, weights: Path, inputs: Path, 
     options = ["--workers", "0", "--batch-size", "8"]
     torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     runs: dict[str, Run] = {}
-    for name, launcher, threads in [(f"1 process, {s.threads} threads", [], s.threads),
+    for name, launcher, threads in [(f"1 process, {s.threads} thread{'s' if s.threads > 1 else ''}", [], s.threads),
                                     ("torchrun, 2 processes x 1 thread", torchrun, 1)]:  # fmt: skip
         out = root / "out-sharding"
         runs[name] = run_predict([*launcher, *_predict_cmd("classification", weights, inputs, out, *options)], out,
@@ -462,7 +462,7 @@ def predict_table(rows: list[Row], peaks: dict[str, float]) -> list[str]:
             verdict = "" if pct is None else f" (goal {GOAL_PCT:g}%: {'met' if pct >= GOAL_PCT else 'MISSED'})"
             samples = "; ".join(f"batch {r.batch}: {' / '.join(f'{x:.1f}' for x in r.samples)}" for r in mine
                                 if r.get("kind") == "ceiling" and r.get("samples"))  # fmt: skip
-            spread = f" (ceiling images/s before / amid / after: {samples})." if samples else "."
+            spread = f" (the ceiling's measurements, images/s: {samples})." if samples else "."
             up = "" if summary["speedup"] is None else f", {summary['speedup']:.2f}x one at a time"
             summaries.append(f"* {setting}: best `{b.contender}`, {b.images_per_s:.1f} images/s, "
                              f"{_fmt(pct, '.0f')}% of the ceiling{verdict}{up}{spread}")  # fmt: skip

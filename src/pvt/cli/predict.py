@@ -85,15 +85,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _options(args: argparse.Namespace) -> Options:
-    return Options(
-        batch_size=args.batch_size,
-        workers=args.workers,
-        out=args.out,
-        resume=args.resume,
-        on_error=args.on_error,
-        format=args.format,
-        save_pictures=args.save_pictures,
-    )
+    names = ("batch_size", "workers", "out", "resume", "on_error", "format", "save_pictures")
+    return Options(**{name: getattr(args, name) for name in names})  # the flags are the options' fields
 
 
 def _predict_ray(args: argparse.Namespace) -> int:
