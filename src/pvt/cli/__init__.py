@@ -8,6 +8,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -37,10 +38,26 @@ def _untangle_pretrained(argv: list[str]) -> list[str]:
     return out
 
 
+class _Intermixed(argparse.ArgumentParser):
+    """A command's parser where positionals may follow options (``pvt predict TASK --checkpoint W
+    photos/``): plain argparse gives an optional-length positional only its first run of values."""
+
+    _inside = False
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+        if self._inside:  # parse_known_intermixed_args calls back here, twice
+            return super().parse_known_args(args, namespace)
+        self._inside = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._inside = False
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``pvt`` command's parser: one sub-command per ``add_*`` of its command group."""
     parser = argparse.ArgumentParser(prog="pvt", description="Pyramid Vision Transformer toolkit")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Intermixed)
     for add in (add_models, add_flops, add_convert, add_train, add_eval, add_predict, add_serve, add_export,
                 add_weights, add_download, add_presets, add_bench, add_plot):  # fmt: skip
         add(sub)
@@ -51,13 +68,7 @@ _INFERENCE_COMMANDS = ("eval", "predict", "bench", "serve", "export")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args, rest = parser.parse_known_args(_untangle_pretrained(list(sys.argv[1:] if argv is None else argv)))
-    if rest:  # inputs after flags: argparse gives an optional-length positional only its first run
-        if isinstance(getattr(args, "inputs", None), list) and not any(r.startswith("-") for r in rest):
-            args.inputs += rest
-        else:
-            parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    args = build_parser().parse_args(_untangle_pretrained(list(sys.argv[1:] if argv is None else argv)))
     keep_freed_memory()  # our own process: activations stop being page-faulted in per forward
     if args.command in _INFERENCE_COMMANDS:
         # Denormal numbers in activations can make fp32 inference many times slower (measured:
