@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,10 +23,12 @@ import torch
 from PIL import Image
 
 import pvt
+from conftest import perturb_
 from pvt.checkpoint import save_safetensors
 from pvt.cli import main as cli_main
+from pvt.detection import retinanet
 from pvt.engine import load_recipe
-from pvt.inference import ImageError, collect, decode_image
+from pvt.inference import ImageError, collect, decode_image, predict
 from pvt.inference.store import read_records
 from pvt.tasks import get_task
 
@@ -215,6 +218,38 @@ def _same_detections(a: dict[str, Any], b: dict[str, Any]) -> None:
         assert twins, d
 
 
+@pytest.mark.parametrize("orientation", [6, 8])
+def test_an_exif_rotated_jpeg_gives_boxes_as_a_person_sees_it(orientation: int, tmp_path: Path) -> None:
+    """A JPEG whose pixels are stored turned, with an EXIF Orientation that turns them back, gives a
+    detector's boxes in the upright frame: those of the same decoded pixels turned upright by numpy
+    and saved losslessly (the very input a viewer shows, with no second JPEG encoding between them).
+    Read without its orientation the image would be portrait, its boxes in another frame."""
+    rng = np.random.default_rng(orientation)
+    blocks = rng.integers(0, 120, (8, 12, 3), dtype=np.uint8)  # 8 px tiles: JPEG keeps them nearly intact
+    upright = blocks.repeat(8, axis=0).repeat(8, axis=1)  # 96 x 64, landscape
+    upright[8:40, 56:90] = (250, 220, 30)  # an object right of centre: turned, it would move
+    turn = 1 if orientation == 6 else -1  # 6: stored turned a quarter counter-clockwise; 8: clockwise
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    jpeg = tmp_path / "photo.jpg"
+    Image.fromarray(np.rot90(upright, turn).copy()).save(jpeg, quality=95, subsampling=0, exif=exif.tobytes())
+    with Image.open(jpeg) as im:
+        assert im.getexif()[0x0112] == orientation and im.size == (64, 96)  # portrait as stored
+        stored = np.asarray(im.convert("RGB"))
+    seen = np.rot90(stored, -turn)  # what a viewer shows: the decoded pixels turned back
+    assert seen.shape == upright.shape and np.abs(seen.astype(int) - upright).mean() < 2  # the upright photo
+    png = tmp_path / "seen.png"
+    Image.fromarray(np.ascontiguousarray(seen)).save(png)
+    torch.manual_seed(0)
+    detector = retinanet("pvt_v2_b0", num_classes=3, fpn_channels=16, min_size=64, max_size=96, score_thresh=0.0)
+    perturb_(detector, 0.05)  # off the near-tied scores of fresh weights
+    got, want = predict(detector, [str(jpeg), str(png)], batch_size=1)
+    assert got["id"] == "photo.jpg" and want["id"] == "seen.png"
+    _same_detections(want, got)
+    boxes = np.array([d["bbox"] for d in got["results"]])  # COCO [x, y, w, h]
+    assert (boxes[:, 0] + boxes[:, 2]).max() > 64.5  # reaching past a portrait's width: the landscape frame
+
+
 def _predict_cmd(weights: Path, folder: Path, out: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "pvt.cli", "predict", "classification", "--checkpoint", str(weights), str(folder),
             "--out", str(out), "--batch-size", "2", "--workers", "0", *extra]  # fmt: skip
@@ -295,6 +330,74 @@ def test_torchrun_shards_merge_into_one_run_and_resume_after_a_rank_dies(tmp_pat
     assert not list(broken.glob("*.part-*"))
     got = _records(broken / "predictions.jsonl")
     assert got.keys() == want.keys()
+
+
+def _workers(launcher: subprocess.Popen[bytes]) -> dict[int, int]:
+    """The torchrun launcher's worker processes, rank -> pid (their parent and ``RANK`` read from
+    /proc: torchrun starts each in its own session, so a signal to the launcher's group misses them)."""
+    found: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            env = (stat.parent / "environ").read_bytes().split(b"\0") if ppid == launcher.pid else []
+        except (OSError, IndexError, ValueError):
+            continue  # gone meanwhile, or not ours to read
+        found |= {int(kv[5:]): int(stat.parent.name) for kv in env if kv.startswith(b"RANK=")}
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").is_file(), reason="finds torchrun's ranks in /proc")
+def test_torchrun_resume_after_one_live_rank_is_sigkilled(tmp_path: Path) -> None:
+    """Two torchrun ranks predict; rank 1 is SIGKILLed once its part holds 20 of its 80 records (the
+    launcher then stops rank 0 itself); --resume under 2 ranks, and in one process on a copy of the
+    folder, ends with an uninterrupted run's records: every id once, equal values."""
+    weights = _classifier_run(tmp_path / "run")
+    folder = tmp_path / "in"
+    n = 160  # ~10 ms an image and rank: 80 each, so the kill lands well before a rank is through
+    for i in range(n):
+        _png(folder / f"{i:03d}.png", seed=i)
+    ref = tmp_path / "ref"
+    subprocess.run(_predict_cmd(weights, folder, ref, "--batch-size", "1"), env=_env(), check=True, timeout=300,
+                   capture_output=True)  # fmt: skip
+    want = _records(ref / "predictions.jsonl")
+    assert len(want) == n
+    out = tmp_path / "out"
+    launcher = subprocess.Popen(_torchrun(weights, folder, out, "--batch-size", "1"), env=_env(),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    part1 = out / "predictions.part-1.jsonl"
+    try:
+        deadline = time.monotonic() + 180
+        while _lines(part1) < 20 and launcher.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        ranks = _workers(launcher)
+        assert sorted(ranks) == [0, 1], f"torchrun's workers: {ranks} (launcher exit {launcher.poll()})"
+        os.kill(ranks[1], signal.SIGKILL)
+        killed_at = _lines(part1)
+        _, err = launcher.communicate(timeout=120)
+    finally:
+        if launcher.poll() is None:  # the test failed first: stop the launcher, which stops its ranks
+            launcher.terminate()
+            launcher.wait(timeout=60)
+    assert launcher.returncode != 0 and b"Signal 9 (SIGKILL)" in err, err[-3000:]
+    assert 20 <= killed_at < n // 2, f"rank 1 had {killed_at} of its {n // 2} records when killed"
+    assert not (out / "predictions.jsonl").exists()  # no merge: the run did not finish
+    parts = sorted(out.glob("predictions.part-*.jsonl"))
+    done = sum(_lines(p) for p in parts)  # complete records; a torn last line is cut on resume
+    assert [p.name for p in parts] == ["predictions.part-0.jsonl", "predictions.part-1.jsonl"] and done < n
+    alone = tmp_path / "alone"
+    shutil.copytree(out, alone)
+    for folder_out, cmd in [
+        (out, _torchrun(weights, folder, out, "--batch-size", "1", "--resume")),
+        (alone, _predict_cmd(weights, folder, alone, "--batch-size", "1", "--resume")),
+    ]:
+        resumed = subprocess.run(cmd, env=_env(), timeout=300, capture_output=True, text=True)
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        assert f"{n - done} images, 0 errors" in resumed.stderr and f"({done} already done)" in resumed.stderr
+        assert sorted(p.name for p in folder_out.glob("*.jsonl")) == ["errors.jsonl", "predictions.jsonl"]
+        got = _records(folder_out / "predictions.jsonl")  # duplicates fail here
+        assert got.keys() == want.keys()
+        for k in want:
+            _same(got[k], want[k])
 
 
 def test_predict_inside_inference_mode(tmp_path: Path) -> None:
