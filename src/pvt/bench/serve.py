@@ -7,6 +7,11 @@ weights' values) is served by two ``pvt serve`` subprocesses, ``--max-batch 8`` 
 224x224 PNG as the raw body, 32 requests per round, ``--repeats`` rounds alternating between the
 servers. Reported: the median round's requests per second, p50 and p99 of all the clients'
 round-trip latencies, and the mean batch the server ran each request in.
+
+Then, where Ray Serve is installed, ``--engine ray`` with 1 and 2 replicas (``--max-batch 8``),
+each alternated round by round with the local ``--max-batch 8`` server: on a machine of few cores
+the rows measure what Ray's proxy and replicas cost (``x local``: requests/s against the local
+server's in the same rounds), not a speed-up.
 """
 
 from __future__ import annotations
@@ -30,11 +35,13 @@ from pvt.bench.harness import Row, Settings, suite
 
 MAX_BATCHES = (8, 1)
 CLIENTS = (1, 8)
+RAY_REPLICAS = (1, 2)
 
 
 def serve_table(rows: list[Row], peaks: dict[str, float]) -> list[str]:
     out = ["`pvt serve` in a subprocess, clients on keep-alive connections (pvt.bench.serve):", "",
-           "| setting | server | requests/s | p50 ms | p99 ms | requests | mean batch |", "|---" * 7 + "|"]  # fmt: skip
+           "| setting | server | requests/s | p50 ms | p99 ms | requests | mean batch, against local |",
+           "|---" * 7 + "|"]  # fmt: skip
     for r in rows:
         out.append(f"| {r.setting} | {r.contender} | {r.rps:.1f} | {r.ms:.0f} | {r.p99_ms:.0f} | {r.repeats} | "
                    f"{r.note.removeprefix('mean batch ')} |")  # fmt: skip
@@ -67,6 +74,39 @@ def suite_serve(s: Settings) -> None:
                     p99_ms=ms[min(len(ms) - 1, round(0.99 * (len(ms) - 1)))],
                     note=f"mean batch {sum(batches) / len(batches):.1f}",
                 ))  # fmt: skip
+        if ray_serve_installed():
+            for replicas in RAY_REPLICAS:
+                with serving(ckpt, 8, s.threads, "--engine", "ray", "--replicas", str(replicas)) as ray_port:
+                    load(ray_port, image, clients=8, requests=16)
+                    for clients in CLIENTS:
+                        paired: dict[str, list[tuple[list[float], float, list[int]]]] = {"local": [], "ray": []}
+                        for r in range(s.repeats):
+                            order = [("local", ports[8]), ("ray", ray_port)]
+                            for name, port in order[r % 2 :] + order[: r % 2]:
+                                paired[name].append(load(port, image, clients, per_round))
+                        s.rows.append(ray_row(paired, size, clients, replicas))
+
+
+def ray_serve_installed() -> bool:
+    try:
+        import ray.serve  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def ray_row(runs: dict[str, list[tuple[list[float], float, list[int]]]], size: int, clients: int,
+            replicas: int) -> Row:  # fmt: skip
+    """The Ray server's row; its note gives its requests/s against the local server's, same rounds."""
+    rps = {name: sorted(len(lat) / wall for lat, wall, _ in rounds)[len(rounds) // 2] for name, rounds in runs.items()}
+    ms = sorted(1e3 * t for latencies, _, _ in runs["ray"] for t in latencies)
+    batches = [b for _, _, sizes in runs["ray"] for b in sizes]
+    return Row(
+        "serve", f"pvt_v2_b0 {size}px, {clients} client{'s' if clients > 1 else ''}",
+        f"--engine ray --replicas {replicas}", ms[len(ms) // 2], len(ms), rps=rps["ray"],
+        p99_ms=ms[min(len(ms) - 1, round(0.99 * (len(ms) - 1)))],
+        note=f"mean batch {sum(batches) / len(batches):.1f}, {rps['ray'] / rps['local']:.2f}x local",
+    )  # fmt: skip
 
 
 def write_classifier(run: Path, size: int) -> Path:
@@ -96,11 +136,11 @@ def png_bytes(size: int) -> bytes:
 
 
 @contextmanager
-def serving(ckpt: Path, max_batch: int, threads: int) -> Iterator[int]:
+def serving(ckpt: Path, max_batch: int, threads: int, *args: str) -> Iterator[int]:
     """``pvt serve`` on 127.0.0.1, a free port; yields the port; always stopped."""
     cmd = [sys.executable, "-m", "pvt.cli", "serve", "--checkpoint", str(ckpt), "--port", "0",
-           "--max-batch", str(max_batch)]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+           "--max-batch", str(max_batch), *args]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "RAY_ADDRESS": ""}
     with tempfile.TemporaryFile() as log:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, env=env, text=True)
         try:
@@ -112,7 +152,11 @@ def serving(ckpt: Path, max_batch: int, threads: int) -> Iterator[int]:
             yield int(line.rsplit(":", 1)[1])
         finally:
             proc.terminate()
-            proc.wait(timeout=60)
+            try:
+                proc.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
 
 
 def load(port: int, image: bytes, clients: int, requests: int) -> tuple[list[float], float, list[int]]:
