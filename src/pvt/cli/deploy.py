@@ -23,6 +23,7 @@ from pvt.cli.common import (
 from pvt.deploy.exporter import export, read_metadata
 from pvt.deploy.metadata import describe, recipe_overrides
 from pvt.deploy.spec import ExportError, export_spec
+from pvt.deploy.triton import CONFIG_FILE, DEFAULT_MAX_BATCH, DEVICES, MODEL_FILE, VERSION, export_triton
 from pvt.engine.runs import artifacts_of, run_config_of
 from pvt.tasks import task_names
 
@@ -82,7 +83,19 @@ def build_for_export(args: argparse.Namespace) -> tuple[nn.Module, Any, dict[str
     return task.build_model(recipe).eval(), recipe, artifacts_of(ckpt)
 
 
+def _check_triton_options(args: argparse.Namespace) -> None:
+    """The --triton-* options only mean something with --format triton: say so rather than ignore them."""
+    given = [
+        f"--triton-{k}"
+        for k in ("name", "device", "max-batch")
+        if getattr(args, f"triton_{k.replace('-', '_')}") is not None
+    ]
+    if given and args.format != "triton":
+        raise ExportError(f"{', '.join(given)} apply to --format triton (a Triton model repository), not {args.format}")
+
+
 def run_export(args: argparse.Namespace) -> int:
+    _check_triton_options(args)
     model, recipe, artifacts = build_for_export(args)
     spec = export_spec(model, recipe, artifacts)
     h, w = (int(args.size[0]), int(args.size[1])) if args.size else spec.default_size
@@ -96,8 +109,23 @@ def run_export(args: argparse.Namespace) -> int:
     else:
         example = torch.rand(args.batch, 3, h, w)
     meta = describe(model, size=(h, w), recipe=recipe, artifacts=artifacts, spec=spec)
-    out = export(model, example, args.out, format=args.format, dynamic=args.dynamic, metadata=meta)
-    line = f"wrote {out} ({spec.kind}, {meta.get('arch')}, {args.format}, {'dynamic' if args.dynamic else f'{h}x{w}'})"
+    shape = "dynamic" if args.dynamic else f"{h}x{w}"
+    if args.format == "triton":
+        folder = export_triton(
+            model,
+            example,
+            args.out,
+            name=args.triton_name,
+            device=args.triton_device or "cpu",
+            max_batch_size=DEFAULT_MAX_BATCH if args.triton_max_batch is None else args.triton_max_batch,
+            dynamic=args.dynamic,
+            metadata=meta,
+        )
+        out = folder / VERSION / MODEL_FILE
+        line = f"wrote {folder}/{{{CONFIG_FILE}, {VERSION}/{MODEL_FILE}}} ({spec.kind}, {meta.get('arch')}, {shape})"
+    else:
+        out = export(model, example, args.out, format=args.format, dynamic=args.dynamic, metadata=meta)
+        line = f"wrote {out} ({spec.kind}, {meta.get('arch')}, {args.format}, {shape})"
     if args.check:
         line += f"; {check_export(model, out, example, spec.one_image)}"
     print(line)
@@ -159,10 +187,25 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def add_export(sub: Any) -> None:
-    p = sub.add_parser("export", help="export a model to ONNX or a torch.export program (.pt2), with its metadata")
+    p = sub.add_parser(
+        "export",
+        help="export a model to ONNX, a torch.export program (.pt2) or a Triton model repository, with its metadata",
+    )
     p.add_argument("source", metavar="CKPT_OR_NAME", help="a run's model.safetensors, a weights file or a model name")
-    p.add_argument("--format", choices=("onnx", "pt2"), default="onnx")
-    p.add_argument("--out", required=True, help="output file (.onnx or .pt2), written atomically")
+    p.add_argument(
+        "--format", choices=("onnx", "pt2", "triton"), default="onnx", help="triton: ONNX in a Triton repository"
+    )
+    p.add_argument(
+        "--out", required=True, help="output file (.onnx or .pt2), written atomically; --format triton: the repository"
+    )
+    p.add_argument("--triton-name", help="--format triton: the model's name and folder (default: its architecture)")
+    p.add_argument("--triton-device", choices=tuple(DEVICES), help="--format triton: instance_group kind (default cpu)")
+    p.add_argument(
+        "--triton-max-batch",
+        type=int,
+        metavar="N",
+        help=f"--format triton: the largest batch of a --dynamic classifier / segmenter (default {DEFAULT_MAX_BATCH})",
+    )
     kinds = (*task_names(), "features")
     p.add_argument("--task", choices=kinds, default="classification", help="features: the four-map backbone")
     p.add_argument(
