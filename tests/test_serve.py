@@ -338,10 +338,16 @@ CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 
 
 def drive_page(
-    url: str, image: Path, screenshot: Path, min_score: str | None = None, script: str | None = None
+    url: str,
+    image: Path,
+    screenshot: Path,
+    min_score: str | None = None,
+    script: str | None = None,
+    key: str | None = None,
 ) -> dict[str, Any]:
     """Open the page in headless Chromium, upload ``image``, wait for the drawn result; returns what the
-    page shows (and what ``script`` returns, run in the page). Also makes the README's screenshot."""
+    page shows (and what ``script`` returns, run in the page). Also makes the README's screenshot.
+    With ``key``: the page must ask for it, gets it typed in, and must not ask again after a reload."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
@@ -359,7 +365,12 @@ def drive_page(
     try:
         driver.get(url)
         wait = WebDriverWait(driver, 240)
+        if key is not None:
+            wait.until(lambda d: d.find_element(By.ID, "key-form").is_displayed())
+            driver.find_element(By.ID, "api-key").send_keys(key)
+            driver.find_element(By.ID, "key-button").click()
         wait.until(lambda d: "loading" not in d.find_element(By.ID, "model").text)
+        wait.until(lambda d: "waiting for an API key" not in d.find_element(By.ID, "model").text)
         if min_score is not None:
             field = driver.find_element(By.ID, "min-score")
             field.clear()
@@ -378,6 +389,10 @@ def drive_page(
             "errors": [e["message"] for e in driver.get_log("browser") if e["level"] == "SEVERE"],
             "script": driver.execute_script(script) if script else None,
         }
+        if key is not None:  # kept in the tab: a reload loads the model without asking
+            driver.refresh()
+            wait.until(lambda d: d.find_element(By.ID, "model").text.startswith(shown["model"][:20]))
+            shown["asked_again"] = driver.find_element(By.ID, "key-form").is_displayed()
     finally:
         driver.quit()
     return shown

@@ -28,7 +28,7 @@ import pytest
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
-from test_serve import _read_url, assert_same, images_of, predict_records, trained  # noqa: F401 (a fixture)
+from test_serve import _read_url, assert_same, drive_page, images_of, predict_records, trained  # noqa: F401 (a fixture)
 
 REPO = Path(__file__).resolve().parent.parent
 KEYS = ["k" * 20 + "-first", "second-key-0123456789abcdef"]
@@ -143,6 +143,21 @@ def test_keys_guard_v1_and_every_client_reads_early_refusals(
     predicted = [e for e in log if e["path"] == "/v1/predict" and e["status"] == 200]
     assert len(predicted) == 2 and all(e["batch"] == 1 and e["duration_ms"] > 0 and e["bytes"] > 0 for e in predicted)
     assert {e["client"] for e in log} == {"127.0.0.1"} and all("time" in e for e in log)
+
+
+def test_the_page_asks_for_the_key_once_and_keeps_it_in_the_tab(
+    trained: Callable[[str], Path],  # noqa: F811
+    cache: Path,
+    tmp_path: Path,
+) -> None:
+    ckpt = trained("classification")
+    image = images_of("classification", cache, 1)[0]
+    with server(ckpt, env={"PVT_API_KEY": KEYS[1]}) as s:
+        shown = drive_page(s.url, image, tmp_path / "page.png", key=KEYS[1])
+    # The browser logs the first, keyless /v1/model's 401 (which made the page ask), and nothing else.
+    assert [e for e in shown["errors"] if "/v1/model" not in e or "401" not in e] == [], shown["errors"]
+    assert shown["state"] == "done" and not shown["error"], shown
+    assert shown["model"].startswith("classification · pvt_v2_b0") and not shown["asked_again"]
 
 
 def test_without_keys_it_refuses_to_listen_beyond_this_machine(trained: Callable[[str], Path], tmp_path: Path) -> None:  # noqa: F811
