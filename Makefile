@@ -10,10 +10,13 @@ export HF_HUB_OFFLINE := 1
 setup: $(STAMP)
 
 # Re-runs only when the project's requirements change; otherwise `make setup` is instant.
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet torch==2.14.1 torchvision==0.29.1
 	$(PY) -m pip install --quiet -e '.[dev]'
+	# A tritonserver binary for tests/test_triton.py (Linux x86-64, glibc >= 2.35; the test skips,
+	# saying why, where it cannot be had). --no-deps: its requirements would downgrade numpy.
+	$(PY) -m pip install --quiet --no-deps 'nvidia-pytriton==0.7.0' || echo "no nvidia-pytriton here: the Triton server test will skip"
 	touch $@
 
 demo: setup
