@@ -139,7 +139,7 @@ def png_bytes(size: int) -> bytes:
 def serving(ckpt: Path, max_batch: int, threads: int, *args: str) -> Iterator[int]:
     """``pvt serve`` on 127.0.0.1, a free port; yields the port; always stopped."""
     cmd = [sys.executable, "-m", "pvt.cli", "serve", "--checkpoint", str(ckpt), "--port", "0",
-           "--max-batch", str(max_batch), *args]  # fmt: skip
+           "--max-batch", str(max_batch), "--max-queue", "64", *args]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "RAY_ADDRESS": ""}
     with tempfile.TemporaryFile() as log:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, env=env, text=True)

@@ -84,7 +84,7 @@ def add_serve(sub: Any) -> None:
         "--max-queue",
         type=int,
         default=None,
-        help="requests waiting for a batch beyond this get 503 + Retry-After (default: 4 x --max-batch)",
+        help="requests waiting for a batch beyond this get 503 + Retry-After (default: 4 x --max-batch, at least 16)",
     )
     g.add_argument("--timeout-s", type=float, default=60.0, help="a request unanswered this long gets 504 (default 60)")
     g.add_argument(

@@ -46,7 +46,7 @@ class ServeOptions:
     max_batch: int = 8
     batch_wait_ms: float = 5.0
     max_upload_mb: float = 20.0
-    max_queue: int | None = None  # None: four batches' worth
+    max_queue: int | None = None  # None: four batches' worth, at least 16
     timeout_s: float = 60.0  # from a request's arrival to its answer; then 504
     grace_s: float = 30.0  # how long a shutdown waits for the work in flight; then 503
     api_keys: list[str] = field(default_factory=list, repr=False)
@@ -55,7 +55,7 @@ class ServeOptions:
 
     def __post_init__(self) -> None:
         if self.max_queue is None:
-            self.max_queue = 4 * self.max_batch
+            self.max_queue = max(4 * self.max_batch, 16)
         for name in ("max_batch", "max_queue"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)})")
