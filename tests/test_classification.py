@@ -83,7 +83,12 @@ def test_short_run_then_eval_predict_plot(
     assert json.loads(capsys.readouterr().out.splitlines()[-1]) == pred  # without --out: to stdout
 
 
-def test_bf16_ema_accumulation_and_freezing(digits_cache: Path, tmp_path: Path) -> None:
+def test_bf16_ema_accumulation_and_freezing(
+    digits_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from test_amp import BF16_CPU
+
+    monkeypatch.setattr("pvt.engine.amp.cpu_info", lambda: BF16_CPU)  # bf16 autocast, even here
     run = tmp_path / "opts"
     sets = _sets("schedule.iterations=3", "schedule.warmup_iters=1", "data.batch_size=16", "train.amp=bf16",
                  "train.ema_decay=0.9", "optim.accum_steps=2", "model.freeze_stages=1", "optim.clip_grad=1.0",

@@ -33,9 +33,9 @@ def _ours(rows: list[Row], r: Row, prefix: bool = True) -> Row | None:
 
 def speed_table(rows: list[Row], peaks: dict[str, float]) -> list[str]:
     """One suite's rows: ``speed-up`` is the contender's time over pvt-vision's in the same
-    setting (above 1: pvt-vision is faster), the arithmetic rate against the fp32 GEMM peak; then
+    setting (above 1: pvt-vision is faster), the arithmetic rate against the GEMM peak of the row's
+    ``precision`` (fp32 by default); then
     the rows' notes."""
-    peak = peaks["fp32"]
     lines = [
         "| setting | contender | ms | speed-up of pvt-vision | GFLOP/s | % of peak |",
         "|---|---|---|---|---|---|",
@@ -44,6 +44,7 @@ def speed_table(rows: list[Row], peaks: dict[str, float]) -> list[str]:
         ours = _ours(rows, r)
         speed = "" if ours is None or ours is r else f"{r.ms / ours.ms:.2f}x"
         gf = r.gflops
+        peak = peaks.get(r.get("precision") or "fp32", peaks["fp32"])  # a bf16 row against the bf16 peak
         rate = "|  |  |" if gf is None else f"| {gf:.1f} | {100 * gf / peak:.0f}% |"
         lines.append(f"| {r.setting} | {r.contender} | {r.ms:.1f} | {speed} {rate}")
     lines.append("")

@@ -67,7 +67,7 @@ class TrainConfig:
     seed: int = 0
     deterministic: bool = False  # bit-for-bit repeatable CPU runs
     device: str = "auto"  # auto | cpu | cuda
-    amp: str = "none"  # none | bf16 | fp16 (fp16 on GPU only, with a grad scaler)
+    amp: str = "none"  # none | bf16 | fp16 (GPU only, with a grad scaler) | auto (bf16 where the hardware has it)
     compile: bool = False
     ema_decay: float | None = None
     checkpoint_every: int = 500  # iterations; also one at the end of every epoch
@@ -237,7 +237,7 @@ def validate(r: Recipe) -> None:
             "schedule.name: cosine|poly|step|constant",
         ),
         (r.schedule.epochs >= 1 or (r.schedule.iterations or 0) >= 1, "schedule.epochs must be >= 1"),
-        (r.train.amp in ("none", "bf16", "fp16"), "train.amp must be none, bf16 or fp16"),
+        (r.train.amp in ("none", "bf16", "fp16", "auto"), "train.amp must be none, bf16, fp16 or auto"),
         (r.train.device in ("auto", "cpu", "cuda"), "train.device must be auto, cpu or cuda"),
         (r.train.checkpoint_every >= 1, "train.checkpoint_every must be >= 1"),
         (0 <= r.model.freeze_stages <= 4, "model.freeze_stages must be in 0..4"),

@@ -11,6 +11,7 @@ import json
 import signal
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import FrameType
@@ -24,6 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 
 import pvt.engine.state as ckpt
 from pvt.checkpoint.io import save_safetensors
+from pvt.engine.amp import autocast_factory, resolve_amp
 from pvt.engine.config import Recipe
 from pvt.engine.data import ResumableSampler, SeededDataset
 from pvt.engine.distributed import (
@@ -54,16 +56,6 @@ def set_determinism(seed: int, deterministic: bool) -> None:
     if deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
-
-
-def autocast_factory(amp: str, device: torch.device) -> Callable[[], Any]:
-    """Context factory for the recipe's precision (bf16 on CPU and GPU, fp16 on GPU only)."""
-    if amp == "none":
-        return contextlib.nullcontext
-    if amp == "fp16" and device.type != "cuda":
-        raise ValueError("train.amp=fp16 needs a GPU; use train.amp=bf16 on CPU")
-    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
-    return lambda: torch.autocast(device.type, dtype=dtype)
 
 
 class MetricsLog:
@@ -129,7 +121,11 @@ class Trainer:
             recipe.dump(self.run_dir / RUN_CONFIG)
         barrier(self.dist)
         self.log = MetricsLog(self.run_dir / "metrics.jsonl", self.dist.is_main)
-        self.autocast = autocast_factory(tc.amp, self.device)
+        self.amp, self.amp_reason = resolve_amp(tc.amp, self.device)
+        self.autocast = autocast_factory(self.amp, self.device)
+        if self.dist.is_main:
+            shown = "fp32" if self.amp == "none" else f"{self.amp} autocast, fp32 weights and optimizer state"
+            print(f"precision: {shown} (train.amp={tc.amp}: {self.amp_reason})", flush=True)
 
     # -- construction ---------------------------------------------------------------------
 
@@ -183,7 +179,7 @@ class Trainer:
         self.base_lr = scaled_lr(r.optim, total_batch)
         self.optimizer = build_optimizer(model, r.optim, self.base_lr, **self.task.param_group_kwargs())
         self.schedule = Schedule(r.schedule, self.base_lr, self.total_iters, self.iters_per_epoch)
-        self.scaler = torch.amp.GradScaler("cuda", enabled=r.train.amp == "fp16")
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp == "fp16")
         forward_model: nn.Module = model
         if self.dist.enabled:
             forward_model = DistributedDataParallel(
@@ -218,6 +214,7 @@ class Trainer:
             "ema": self.ema.state_dict() if self.ema is not None else None,
             "rng": ckpt.rng_state(),
             "world_size": self.dist.world_size,
+            "amp": self.amp,  # the arithmetic that ran (train.amp=auto differs between machines)
         }
 
     def _save(self, epoch: int, position: int) -> None:
@@ -242,6 +239,12 @@ class Trainer:
             raise RuntimeError(
                 f"{path} was written by {state.get('world_size')} processes; resume with the same "
                 f"--nproc_per_node (now {self.dist.world_size}) for an exact continuation"
+            )
+        if state.get("amp", self.amp) != self.amp and self.dist.is_main:
+            warnings.warn(
+                f"{path} was trained with amp={state['amp']} and continues with amp={self.amp} "
+                f"({self.amp_reason}): the continuation is not bit-exact; set train.amp={state['amp']} for that",
+                stacklevel=2,
             )
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -293,7 +296,8 @@ class Trainer:
         self.model.train()
         micro, t0, seen = 0, time.perf_counter(), 0
         loss_sum = torch.zeros((), device=self.device)
-        for batch in self._batches(epoch, position):
+        waits = _Waits()  # the time steps spent blocked on the loader: the data must never keep them waiting
+        for batch in waits.timed(self._batches(epoch, position)):
             # Leftover micro-batches (fewer than accum_steps) never leak into the next epoch.
             if self.schedule.iteration >= self.total_iters or steps_done >= self.iters_per_epoch:
                 break
@@ -329,9 +333,10 @@ class Trainer:
             throughput = seen * self.dist.world_size / max(time.perf_counter() - t0, 1e-9)
             bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{throughput:.1f}")
             bar.update(1)
+            waits.steps += 1
             if it % r.train.log_every == 0 or it == self.total_iters:
                 rec = {"type": "train", "epoch": epoch, "iteration": it, "loss": mean_loss, "lr": lr,
-                       "img_s": throughput}  # fmt: skip
+                       "img_s": throughput, "data_wait_ms": waits.take_mean_ms()}  # fmt: skip
                 self.log.write(rec)
                 if self.tb is not None:
                     for k in ("loss", "lr", "img_s"):
@@ -388,6 +393,9 @@ class Trainer:
     def fit(self) -> dict[str, float]:
         self._build()
         epoch, position = self._restore() if self.resume else (0, 0)
+        self.log.write({"type": "run", "iteration": self.schedule.iteration, "amp": self.amp,
+                        "amp_asked": self.recipe.train.amp, "amp_reason": self.amp_reason,
+                        "resumed": self.schedule.iteration > 0})  # fmt: skip
         metrics: dict[str, float] = {}
         try:
             with _StopFlag() as stop:
@@ -470,6 +478,28 @@ def _set_grad_checkpointing(model: nn.Module) -> None:
             return
 
 
+class _Waits:
+    """Seconds spent waiting for batches, per optimizer step since the last read."""
+
+    def __init__(self) -> None:
+        self.seconds, self.steps = 0.0, 0
+
+    def timed(self, batches: Iterator[Any]) -> Iterator[Any]:
+        while True:
+            start = time.perf_counter()
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            self.seconds += time.perf_counter() - start
+            yield batch
+
+    def take_mean_ms(self) -> float:
+        mean = 1e3 * self.seconds / max(self.steps, 1)
+        self.seconds, self.steps = 0.0, 0
+        return round(mean, 3)
+
+
 class _NoBar:
     def set_postfix(self, **kw: Any) -> None: ...
     def update(self, n: int = 1) -> None: ...
@@ -521,7 +551,7 @@ def run_evaluation(
         _, eval_ds = task.build_datasets(recipe, train=False)
         loader = make_eval_loader(task, eval_ds, recipe.data, info)
         model = (task.build_model(recipe) if model is None else model).to(info.device).eval()
-        autocast = autocast_factory(recipe.train.amp, info.device)
+        autocast = autocast_factory(resolve_amp(recipe.train.amp, info.device)[0], info.device)
         if prepare is not None:
             model, autocast = prepare(model, info.device), contextlib.nullcontext
         with torch.inference_mode():
