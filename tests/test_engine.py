@@ -47,7 +47,7 @@ def test_recipe_defaults_preset_and_overrides() -> None:
         (["optim.lr=fast"], "optim.lr: expected float, got 'fast'"),
         (["optim.lr"], "expected KEY=VALUE"),
         (["lr=1"], "keys start with one of"),
-        (["train.amp=fp8"], "train.amp must be none, bf16 or fp16"),
+        (["train.amp=fp8"], "train.amp must be none, bf16, fp16 or auto"),
         (["data.scale=[1, 2, 3]"], "data.scale: expected 2 values"),
         (["schedule.name=linear"], "schedule.name"),
     ],

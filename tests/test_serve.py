@@ -28,6 +28,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import stop_process
 from pvt.cli import main as cli_main
 
 REPO = Path(__file__).resolve().parent.parent
@@ -103,12 +104,7 @@ def serving(ckpt: Path, *args: str) -> Iterator[str]:
         try:
             yield _read_url(proc, log)
         finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop_process(proc)
 
 
 def _read_url(proc: subprocess.Popen[str], log: Any) -> str:

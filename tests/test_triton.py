@@ -29,7 +29,7 @@ import torch
 from PIL import Image
 
 import pvt
-from conftest import perturb_
+from conftest import perturb_, stop_process
 from pvt.cli import main as cli_main
 from pvt.deploy import ExportError
 from pvt.deploy.triton import export_triton, triton_type, write_config
@@ -335,12 +335,7 @@ def server(repo: dict[str, Any], tmp_path: Path) -> Iterator[Any]:
         yield client
     finally:
         client.close()
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
 
 
 def _preprocess(image: Image.Image, pre: dict[str, Any]) -> np.ndarray:
