@@ -137,8 +137,13 @@ def test_exact_resume_after_sigkill(digits_cache: Path, tmp_path: Path) -> None:
     assert json.loads((ref / "final.json").read_text()) == json.loads((run / "final.json").read_text())
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     ref_lines = [json.loads(x) for x in (ref / "metrics.jsonl").read_text().splitlines()]
-    strip = lambda rs: [{k: v for k, v in r.items() if k != "img_s"} for r in rs]  # noqa: E731
+    timing = {"img_s", "data_wait_ms"}  # measured, not computed: they differ between any two runs
+    strip = lambda rs: [{k: v for k, v in r.items() if k not in timing} for r in rs if r["type"] != "run"]  # noqa: E731
     assert strip(lines) == strip(ref_lines)  # no duplicated or missing records
+    # One "run" line per start: the resumed run says where it picked up.
+    starts = [(r["iteration"], r["resumed"]) for r in lines if r["type"] == "run"]
+    assert [(r["iteration"], r["resumed"]) for r in ref_lines if r["type"] == "run"] == [(0, False)]
+    assert starts == [(0, False), (8, True)]
 
 
 def test_sigterm_checkpoints_and_exits(digits_cache: Path, tmp_path: Path) -> None:
