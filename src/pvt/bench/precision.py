@@ -190,13 +190,16 @@ def precision_table(rows: list[Row], peaks: dict[str, float]) -> list[str]:
            "|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in rows:
         same = [o for o in rows if o.setting == r.setting]
-        peer = next(o for o in same if not o.contender.startswith("pvt-vision") and o.contender.endswith("fp32 eager"))
+        # None for rows of an older naming kept by --update: their columns stay empty.
+        peers = [o for o in same if not o.contender.startswith("pvt-vision") and o.contender.endswith("fp32 eager")]
+        peer = peers[0] if peers else None
         ours = next((o for o in same if o.contender == "pvt-vision fp32 eager"), None)
         gf = r.gflops
         peak = peaks.get(r.get("precision", "fp32"), float("nan"))
         rate = "|  |  |" if gf is None else f"| {gf:.1f} | {100 * gf / peak:.0f}% |"
         mine = "" if ours is None else f"{ours.ms / r.ms:.2f}x"
-        out.append(f"| {r.setting} | {r.contender} | {r.ms:.1f} | {peer.ms / r.ms:.2f}x | {mine} {rate}")
+        over_peer = "" if peer is None else f"{peer.ms / r.ms:.2f}x"
+        out.append(f"| {r.setting} | {r.contender} | {r.ms:.1f} | {over_peer} | {mine} {rate}")
     return [*out, ""]
 
 
