@@ -174,9 +174,11 @@ def create_app(predictor: Predictor, info: dict[str, Any], opts: ServeOptions, s
     async def predict(request: Request) -> JSONResponse:
         """One image (multipart file part or raw body) -> the ``pvt predict`` record + ``latency_ms``."""
         start = time.perf_counter()
-        if batcher is not None and opts.max_queue is not None and batcher.depth >= opts.max_queue:
-            # Refused before its body is read: the cheapest answer to a burst.
-            raise _queue_full(metrics, QueueFull(batcher.depth, batcher.retry_after_s()))
+        if batcher is not None:
+            try:
+                batcher.check_room()  # refused before its body is read: the cheapest answer to a burst
+            except QueueFull as e:
+                raise _queue_full(metrics, e) from e
         try:
             body = await read_capped(request, limit)
         except ClientDisconnect as e:  # gone before its upload arrived: nothing to compute

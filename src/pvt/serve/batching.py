@@ -91,8 +91,7 @@ class Batcher(Generic[In, Out]):
         Cancelling the wait (a timeout, a client gone) drops the item if its batch has not started."""
         if self._closed is not None:
             raise self._closed
-        if self.max_queue is not None and self._queue.qsize() >= self.max_queue:
-            raise QueueFull(self._queue.qsize(), self.retry_after_s())
+        self.check_room()
         future: asyncio.Future[tuple[Out, int]] = asyncio.get_running_loop().create_future()
         self._queue.put_nowait((item, future))
         self._unanswered += 1
@@ -100,6 +99,11 @@ class Batcher(Generic[In, Out]):
             return await future
         finally:
             self._unanswered -= 1
+
+    def check_room(self) -> None:
+        """:class:`QueueFull` if the queue already holds ``max_queue`` requests."""
+        if self.max_queue is not None and self._queue.qsize() >= self.max_queue:
+            raise QueueFull(self._queue.qsize(), self.retry_after_s())
 
     def retry_after_s(self) -> float:
         """About how long until the queue has room: the batches ahead times a batch's time."""
@@ -141,7 +145,8 @@ class Batcher(Generic[In, Out]):
                 break
             # Not wait_for: before Python 3.12 it can drop an item that arrives as the time runs out.
             getter = loop.create_task(self._queue.get())
-            hurried = loop.create_task(self._hurried())
+            assert self._hurry is not None  # made by start(), which runs this loop
+            hurried = loop.create_task(self._hurry.wait())
             await asyncio.wait({getter, hurried}, timeout=max(0.0, deadline - loop.time()),
                                return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
             hurried.cancel()
@@ -152,12 +157,6 @@ class Batcher(Generic[In, Out]):
                 break
             batch.append(getter.result())
         return batch
-
-    async def _hurried(self) -> None:
-        if self._hurry is not None:
-            await self._hurry.wait()
-        else:
-            await asyncio.Event().wait()
 
     async def _loop(self) -> None:
         while True:
