@@ -86,6 +86,14 @@ def wait_in_flight(url: str, count: int) -> None:
         time.sleep(0.05)
 
 
+def wait_queued(url: str, count: int) -> None:
+    """Until ``count`` requests wait in the batch queue (read, decoded and submitted, not just arrived)."""
+    deadline = time.monotonic() + 60
+    while sample(metrics(url), "pvt_serve_queue_depth") < count:
+        assert time.monotonic() < deadline, f"the batch queue never held {count} requests"
+        time.sleep(0.05)
+
+
 def burst(url: str, body: bytes, count: int, key: str | None = None) -> list[httpx.Response]:
     """``count`` requests at once, one connection each."""
     headers = {"Content-Type": "image/png", **({"Authorization": f"Bearer {key}"} if key else {})}
@@ -253,7 +261,7 @@ def test_sigterm_finishes_the_work_in_flight_refuses_new_connections_and_exits_w
     with server(ckpt, "--max-batch", "4", "--batch-wait-ms", "60000", "--grace-s", "20") as s:
         with ThreadPoolExecutor(3) as pool:
             waiting = [pool.submit(httpx.post, f"{s.url}/v1/predict", content=body, timeout=120) for _ in range(3)]
-            wait_in_flight(s.url, 3)
+            wait_queued(s.url, 3)  # in flight is not enough: a request still decoding would miss the batch
             assert not any(f.done() for f in waiting)
             signalled = time.monotonic()
             s.proc.send_signal(signal.SIGTERM)

@@ -61,13 +61,15 @@ class Batcher(Generic[In, Out]):
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pvt-infer")
         self._worker: asyncio.Task[None] | None = None
         self._unanswered = 0
+        self._gathering = 0  # requests taken off the queue into the batch being formed
         self._closed: Exception | None = None  # set by close(): new requests fail with it
         self._hurry: asyncio.Event | None = None  # set by hurry(): batches stop waiting for company
 
     @property
     def depth(self) -> int:
-        """Requests waiting for a batch (not counting the one being computed)."""
-        return self._queue.qsize()
+        """Requests whose forward has not started: queued, or in a batch still gathering company
+        (not counting the batch being computed)."""
+        return self._queue.qsize() + self._gathering
 
     @property
     def pending(self) -> int:
@@ -102,12 +104,12 @@ class Batcher(Generic[In, Out]):
 
     def check_room(self) -> None:
         """:class:`QueueFull` if the queue already holds ``max_queue`` requests."""
-        if self.max_queue is not None and self._queue.qsize() >= self.max_queue:
-            raise QueueFull(self._queue.qsize(), self.retry_after_s())
+        if self.max_queue is not None and self.depth >= self.max_queue:
+            raise QueueFull(self.depth, self.retry_after_s())
 
     def retry_after_s(self) -> float:
         """About how long until the queue has room: the batches ahead times a batch's time."""
-        batches_ahead = self._queue.qsize() // self.max_batch + 1
+        batches_ahead = self.depth // self.max_batch + 1
         return batches_ahead * max(self.mean_batch_s, self.wait_s)
 
     def hurry(self) -> None:
@@ -136,10 +138,12 @@ class Batcher(Generic[In, Out]):
     async def _collect(self) -> list[tuple[In, asyncio.Future[tuple[Out, int]]]]:
         loop = asyncio.get_running_loop()
         batch = [await self._queue.get()]
+        self._gathering = 1
         deadline = loop.time() + self.wait_s
         while len(batch) < self.max_batch:
             if not self._queue.empty():
                 batch.append(self._queue.get_nowait())
+                self._gathering = len(batch)
                 continue
             if loop.time() >= deadline:
                 break
@@ -156,11 +160,13 @@ class Batcher(Generic[In, Out]):
             if getter.cancelled():
                 break
             batch.append(getter.result())
+            self._gathering = len(batch)
         return batch
 
     async def _loop(self) -> None:
         while True:
             collected = await self._collect()
+            self._gathering = 0
             # Callers that stopped waiting (cancelled futures) cost no forward.
             batch = [(item, future) for item, future in collected if not future.done()]
             self.dropped += len(collected) - len(batch)
