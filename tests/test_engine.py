@@ -187,6 +187,18 @@ def test_seeded_dataset_is_deterministic_and_leaves_rng_alone() -> None:
     a, b = ds[(1, 42)], ds[(1, 42)]
     assert a == b and ds[(1, 43)] != a
     assert torch.rand(()) == before  # the caller's stream did not move
+    # A batch (the loader's path) holds the items fetched one by one, and moves no stream either.
+    random.seed(1)
+    np.random.seed(1)
+    torch.manual_seed(1)
+    expected = (random.random(), float(np.random.rand()), torch.rand(()).item())
+    random.seed(1)
+    np.random.seed(1)
+    torch.manual_seed(1)
+    assert ds.__getitems__([(1, 42), (1, 43), (3, 42)]) == [a, ds[(1, 43)], ds[(3, 42)]]
+    assert (random.random(), float(np.random.rand()), torch.rand(()).item()) == expected
+    batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=2, sampler=[(0, 7), (2, 8)])))
+    assert [x.tolist() for x in batch] == [list(v) for v in zip(ds[(0, 7)], ds[(2, 8)], strict=True)]
 
 
 def test_rng_state_roundtrip() -> None:

