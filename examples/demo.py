@@ -1,5 +1,5 @@
 """``make demo``: the measured zoo table, multi-scale features of a real photo, then real tasks:
-train the ``digits`` classification preset (a few minutes) and the ``shapes-retinanet`` detection
+train the ``digits`` classification preset (about a minute) and the ``shapes-retinanet`` detection
 preset (about 10 minutes) end to end on this CPU, evaluate them, and draw curves and predictions.
 With ``--segmentation`` it also trains the ``shapes-semantic-fpn`` preset (about 12 minutes more).
 """
@@ -88,7 +88,7 @@ def _trained(task_name: str, run_dir: Path) -> tuple[Any, Any, Any]:
 
 
 def train_digits(run_dir: Path) -> None:
-    """Train and evaluate the embedded digits preset (PVT v2-b0 from scratch, a few CPU minutes)."""
+    """Train and evaluate the embedded digits preset (PVT v2-b0 from scratch, about a CPU minute)."""
     minutes = _train("classification", "digits", run_dir, "scikit-learn's handwritten digits, held-out split")
     print(f"trained and evaluated in {minutes:.1f} min; curves: {run_dir / 'curves.png'}")
     print("evaluate again with:  pvt eval classification --checkpoint", run_dir / "model.safetensors")
