@@ -78,20 +78,22 @@ def sample(values: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: s
     return values.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
+def wait_for(url: str, name: str, at_least: float, what: str, seconds: float = 60, **labels: str) -> None:
+    """Until the server's metric ``name`` (with ``labels``) reaches ``at_least``."""
+    deadline = time.monotonic() + seconds
+    while sample(metrics(url), name, **labels) < at_least:
+        assert time.monotonic() < deadline, f"{what} within {seconds:.0f} s: {metrics(url)}"
+        time.sleep(0.05)
+
+
 def wait_in_flight(url: str, count: int) -> None:
     """Until the server holds ``count`` requests (besides the /metrics request asking)."""
-    deadline = time.monotonic() + 60
-    while sample(metrics(url), "pvt_serve_requests_in_flight") < count + 1:
-        assert time.monotonic() < deadline, f"the server never held {count} requests at once"
-        time.sleep(0.05)
+    wait_for(url, "pvt_serve_requests_in_flight", count + 1, f"the server never held {count} requests at once")
 
 
 def wait_queued(url: str, count: int) -> None:
     """Until ``count`` requests wait in the batch queue (read, decoded and submitted, not just arrived)."""
-    deadline = time.monotonic() + 60
-    while sample(metrics(url), "pvt_serve_queue_depth") < count:
-        assert time.monotonic() < deadline, f"the batch queue never held {count} requests"
-        time.sleep(0.05)
+    wait_for(url, "pvt_serve_queue_depth", count, f"the batch queue never held {count} requests")
 
 
 def burst(url: str, body: bytes, count: int, key: str | None = None) -> list[httpx.Response]:
@@ -242,10 +244,7 @@ def test_timeouts_get_504_and_clients_that_leave_cost_no_forward(
         for _ in range(4):
             with socket.create_connection(("127.0.0.1", s.port), timeout=30) as c:
                 c.sendall(request)
-        deadline = time.monotonic() + 30
-        while sample(metrics(s.url), "pvt_serve_rejected_total", reason="disconnected") < 4:
-            assert time.monotonic() < deadline, metrics(s.url)
-            time.sleep(0.2)
+        wait_for(s.url, "pvt_serve_rejected_total", 4, "4 disconnects not seen", seconds=30, reason="disconnected")
         stayed = httpx.post(f"{s.url}/v1/predict", content=body, timeout=60)
         assert stayed.status_code == 200 and stayed.headers["X-Batch-Size"] == "1", stayed.text
         assert sample(metrics(s.url), "pvt_serve_batch_size_sum") == 1  # the four left no forward behind

@@ -69,7 +69,6 @@ def save(records: list[dict[str, Any]]) -> None:
 
 
 def train(args: argparse.Namespace) -> None:
-    records = []
     for seed in args.seeds:
         sets = [*args.set, f"train.seed={seed}"]
         with tempfile.TemporaryDirectory(prefix="pvt-preset-") as tmp:
@@ -80,7 +79,6 @@ def train(args: argparse.Namespace) -> None:
             subprocess.run(cmd, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
             rec = record(args.task, args.preset, args.label, seed, args.set, run_dir, time.perf_counter() - start)
         print(json.dumps(rec), flush=True)
-        records.append(rec)
         save([rec])  # each run kept as soon as it ends: a long series can stop midway
     render()
 

@@ -61,7 +61,7 @@ class Batcher(Generic[In, Out]):
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pvt-infer")
         self._worker: asyncio.Task[None] | None = None
         self._unanswered = 0
-        self._gathering = 0  # requests taken off the queue into the batch being formed
+        self._forming: list[tuple[In, asyncio.Future[tuple[Out, int]]]] = []  # off the queue, gathering company
         self._closed: Exception | None = None  # set by close(): new requests fail with it
         self._hurry: asyncio.Event | None = None  # set by hurry(): batches stop waiting for company
 
@@ -69,7 +69,7 @@ class Batcher(Generic[In, Out]):
     def depth(self) -> int:
         """Requests whose forward has not started: queued, or in a batch still gathering company
         (not counting the batch being computed)."""
-        return self._queue.qsize() + self._gathering
+        return self._queue.qsize() + len(self._forming)
 
     @property
     def pending(self) -> int:
@@ -137,13 +137,11 @@ class Batcher(Generic[In, Out]):
 
     async def _collect(self) -> list[tuple[In, asyncio.Future[tuple[Out, int]]]]:
         loop = asyncio.get_running_loop()
-        batch = [await self._queue.get()]
-        self._gathering = 1
+        batch = self._forming = [await self._queue.get()]
         deadline = loop.time() + self.wait_s
         while len(batch) < self.max_batch:
             if not self._queue.empty():
                 batch.append(self._queue.get_nowait())
-                self._gathering = len(batch)
                 continue
             if loop.time() >= deadline:
                 break
@@ -160,13 +158,12 @@ class Batcher(Generic[In, Out]):
             if getter.cancelled():
                 break
             batch.append(getter.result())
-            self._gathering = len(batch)
         return batch
 
     async def _loop(self) -> None:
         while True:
             collected = await self._collect()
-            self._gathering = 0
+            self._forming = []
             # Callers that stopped waiting (cancelled futures) cost no forward.
             batch = [(item, future) for item, future in collected if not future.done()]
             self.dropped += len(collected) - len(batch)
