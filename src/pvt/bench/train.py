@@ -3,8 +3,9 @@ same weights and batch: pvt_v2_b0 at batch 16 and pvt_v2_b2 at batch 32 (224 px)
 RetinaNet of the embedded preset (pvt_v2_b0, 256 px, batch 4; timm has no detector: ours alone).
 
 Each in fp32 and, where the CPU computes bf16 (AVX512-BF16 or AMX), under bf16 autocast as
-``train.amp=bf16`` runs it, with timm's fp32 step in the same rounds for the speed-up over it. A
-row's GFLOP/s counts a training step as three forwards (the papers' MACs convention: the forward,
+``train.amp=bf16`` runs it, with timm's fp32 step in the same rounds for the speed-up over it. Each
+side's optimizer is the one its own training builds: ours ``pvt train``'s (``engine.optim``: fused
+AdamW), timm's ``torch.optim.AdamW`` as timm's ``create_optimizer_v2`` makes it. A row's GFLOP/s counts a training step as three forwards (the papers' MACs convention: the forward,
 and the two products of the backward) against the GEMM peak of its own arithmetic.
 """
 
@@ -19,6 +20,8 @@ from torch import nn
 
 from pvt.bench.harness import Row, Settings, alternate, model_gmacs, suite
 from pvt.bench.peers import timm_twins
+from pvt.engine.config import OptimConfig
+from pvt.engine.optim import build_optimizer
 from pvt.utils.hardware import cpu_info
 
 Step = Callable[[], Any]
@@ -28,10 +31,15 @@ def _autocast(amp: str) -> Callable[[], Any]:
     return (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if amp == "bf16" else contextlib.nullcontext
 
 
-def classifier_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, amp: str) -> Step:
+def ours_adamw(model: nn.Module) -> torch.optim.Optimizer:
+    """The AdamW ``pvt train`` builds (parameter groups, fused kernel)."""
+    return build_optimizer(model, OptimConfig(), lr=1e-4)
+
+
+def classifier_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, amp: str, *, ours: bool) -> Step:
     """``model``'s step: zero the gradients, loss, backward, AdamW (fp32 weights and state)."""
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    opt = ours_adamw(model) if ours else torch.optim.AdamW(model.parameters(), lr=1e-4)
     autocast = _autocast(amp)
 
     def step() -> None:
@@ -55,11 +63,11 @@ def train(s: Settings) -> None:
         forward = model_gmacs(ours, (3, size, size))
         gmacs = None if forward is None else 3 * forward * batch
         setting = f"{name} {size}px batch {batch} fwd+bwd+AdamW"
-        steps = {"timm": classifier_step(peer, x, y, "fp32")}
+        steps = {"timm": classifier_step(peer, x, y, "fp32", ours=False)}
         for amp in amps:
-            steps[f"pvt-vision {amp}"] = classifier_step(ours, x, y, amp)
+            steps[f"pvt-vision {amp}"] = classifier_step(ours, x, y, amp, ours=True)
             if amp != "fp32":
-                steps[f"timm {amp}"] = classifier_step(peer, x, y, amp)
+                steps[f"timm {amp}"] = classifier_step(peer, x, y, amp, ours=False)
         times = alternate(steps, repeats)
         for label, t in times.items():
             precision = "bf16" if label.endswith("bf16") else "fp32"
@@ -97,7 +105,7 @@ def retinanet_rows(s: Settings, amps: list[str], repeats: int) -> None:
         targets.append({"boxes": torch.cat([xy, xy + wh], 1), "labels": torch.randint(0, 4, (6,), generator=g)})
     steps: dict[str, Step] = {}
     for amp in amps:
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        opt = ours_adamw(model)
         autocast = _autocast(amp)
 
         def step(opt: torch.optim.Optimizer = opt, autocast: Callable[[], Any] = autocast) -> None:
