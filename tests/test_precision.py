@@ -168,7 +168,10 @@ def test_digits_model_keeps_its_accuracy_in_bf16_and_int8(
     from pvt.cli import main
 
     run = tmp_path / "run"
-    sets = ["train.progress=false", "schedule.iterations=160", "schedule.warmup_iters=10", "data.eval_batch_size=360"]
+    # 60 steps, evaluated once at the end: 96.4% top-1 (160 steps and an evaluation per epoch
+    # before: twice the time for a model no more useful here).
+    sets = ["train.progress=false", "schedule.iterations=60", "schedule.warmup_iters=10", "train.eval_every=100",
+            "data.eval_batch_size=360"]  # fmt: skip
     args = [arg for item in sets for arg in ("--set", item)]
     assert main(["train", "classification", "--preset", "digits", "--output", str(run), *args]) == 0
     top1 = {}
