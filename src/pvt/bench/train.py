@@ -5,8 +5,9 @@ RetinaNet of the embedded preset (pvt_v2_b0, 256 px, batch 4; timm has no detect
 Each in fp32 and, where the CPU computes bf16 (AVX512-BF16 or AMX), under bf16 autocast as
 ``train.amp=bf16`` runs it, with timm's fp32 step in the same rounds for the speed-up over it. Each
 side's optimizer is the one its own training builds: ours ``pvt train``'s (``engine.optim``: fused
-AdamW), timm's ``torch.optim.AdamW`` as timm's ``create_optimizer_v2`` makes it. A row's GFLOP/s counts a training step as three forwards (the papers' MACs convention: the forward,
-and the two products of the backward) against the GEMM peak of its own arithmetic.
+AdamW), timm's ``torch.optim.AdamW`` as timm's ``create_optimizer_v2`` makes it. A row's GFLOP/s
+counts a training step as three forwards (the papers' MACs convention: the forward, and the two
+products of the backward) against the GEMM peak of its own arithmetic.
 """
 
 from __future__ import annotations

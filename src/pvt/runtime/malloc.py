@@ -34,9 +34,10 @@ _applied = False
 
 def keep_freed_memory() -> bool:
     """Make glibc keep freed memory (blocks up to 1 GiB, or 32 MiB where glibc refuses more, come
-    from the heap, and up to 1 GiB of freed heap stays in the process) so activations stop being page-faulted in on every forward.
-    Costs resident memory: the process keeps its peak. Returns whether the setting took effect
-    (False off Linux/glibc, where it does nothing); calling it again is harmless."""
+    from the heap, and up to 1 GiB of freed heap stays in the process) so activations stop being
+    page-faulted in on every forward. Costs resident memory: the process keeps its peak. Returns
+    whether the setting took effect (False off Linux/glibc, where it does nothing); calling it
+    again is harmless."""
     global _applied
     if _applied:
         return True
@@ -49,7 +50,7 @@ def keep_freed_memory() -> bool:
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
-    mmap_set = bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) or bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_FALLBACK))
+    mmap_set = any(mallopt(_M_MMAP_THRESHOLD, size) for size in (MMAP_THRESHOLD, MMAP_THRESHOLD_FALLBACK))
     _applied = mmap_set and bool(mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
     return _applied
 
