@@ -47,17 +47,11 @@ def final_metrics(run_dir: Path) -> tuple[dict[str, float], float, int]:
     return numbers, (sum(waits) / len(waits) if waits else float("nan")), iteration
 
 
-def gemm_gflops(n: int = 2048, repeats: int = 5) -> float:
-    """fp32 GFLOP/s of an n x n matrix product on this process's threads, best of ``repeats``."""
-    import torch
+def gemm_gflops() -> float:
+    """This machine's fp32 GEMM speed as ``pvt bench`` measures its peak (2048 x 2048)."""
+    from pvt.bench.harness import gemm_peaks
 
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - start)
-    return 2 * n**3 / best / 1e9
+    return gemm_peaks(int8=False)["fp32"]
 
 
 def record(

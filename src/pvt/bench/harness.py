@@ -190,16 +190,18 @@ def alternate(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1) 
     return {n: sorted(t)[len(t) // 2] for n, t in times.items()}
 
 
-def gemm_peaks(n: int = 2048, repeats: int = 5) -> dict[str, float]:
+def gemm_peaks(n: int = 2048, repeats: int = 5, *, int8: bool = True) -> dict[str, float]:
     """GFLOP/s (GOP/s for int8) of an n x n GEMM in each precision this CPU runs natively: the
-    ceiling any model's arithmetic can reach."""
+    ceiling any model's arithmetic can reach. ``int8=False`` leaves int8 out (seconds a call
+    where the CPU has no VNNI)."""
     a, b = torch.randn(n, n), torch.randn(n, n)
     fns: dict[str, Callable[[], Any]] = {"fp32": lambda: a @ b}
     if cpu_info().bf16:
         ab, bb = a.bfloat16(), b.bfloat16()
         fns["bf16"] = lambda: ab @ bb
-    qa, qb = torch.randint(-128, 127, (n, n), dtype=torch.int8), torch.randint(-128, 127, (n, n), dtype=torch.int8)
-    fns["int8"] = lambda: torch._int_mm(qa, qb)
+    if int8:
+        qa, qb = torch.randint(-128, 127, (n, n), dtype=torch.int8), torch.randint(-128, 127, (n, n), dtype=torch.int8)
+        fns["int8"] = lambda: torch._int_mm(qa, qb)
     return {k: 2 * n**3 / t / 1e9 for k, t in alternate(fns, repeats).items()}
 
 
